@@ -1,0 +1,69 @@
+"""Patch: run the MetaSD proposer inside vLLM V1's model runner.
+
+Three thin wrappers on ``GPUModelRunner`` (which ``CPUModelRunner`` inherits):
+
+- ``__init__``: when the speculative config carries a MetaSD config, replace
+  the draft-model proposer vLLM built by ``MetaSDProposer`` (same interface,
+  N drafters).
+- ``_update_states``: before vLLM updates its batch, tell the proposer which
+  requests finished, were aborted or preempted (bandit state and drafter KV
+  bookkeeping are freed there).
+- ``_sample``: capture the alignment feedback computed during rejection
+  sampling and hand it to the proposer, so each request's bandit is updated
+  before its next arm choice (the drafting of this same step).
+"""
+from __future__ import annotations
+
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_metasd import feedback
+from vllm_metasd.patches._util import wrap
+
+
+def _metasd_drafter(runner):
+    from vllm_metasd.proposer import MetaSDProposer
+
+    drafter = getattr(runner, "drafter", None)
+    return drafter if isinstance(drafter, MetaSDProposer) else None
+
+
+def _init(original):
+    def __init__(self, vllm_config, device, *args, **kwargs):
+        original(self, vllm_config, device, *args, **kwargs)
+        spec = vllm_config.speculative_config
+        if spec is not None and getattr(spec, "metasd", None) and hasattr(self, "drafter"):
+            from vllm_metasd.proposer import MetaSDProposer
+
+            self.drafter = MetaSDProposer(vllm_config, device, self)
+
+    return __init__
+
+
+def _update_states(original):
+    def update_states(self, scheduler_output):
+        drafter = _metasd_drafter(self)
+        if drafter is not None:
+            drafter.on_schedule(scheduler_output)
+        return original(self, scheduler_output)
+
+    return update_states
+
+
+def _sample(original):
+    def sample(self, logits, spec_decode_metadata):
+        drafter = _metasd_drafter(self)
+        if drafter is None or spec_decode_metadata is None:
+            return original(self, logits, spec_decode_metadata)
+        with feedback.capture(drafter.config.reward) as verification:
+            output = original(self, logits, spec_decode_metadata)
+        if verification.rewards is not None:
+            drafter.observe(self.input_batch.req_ids, verification)
+        return output
+
+    return sample
+
+
+def apply() -> None:
+    wrap(GPUModelRunner, "__init__", _init)
+    wrap(GPUModelRunner, "_update_states", _update_states)
+    wrap(GPUModelRunner, "_sample", _sample)

@@ -1,0 +1,38 @@
+"""Patch: read the target's probabilities at the narrowest point of verification.
+
+``rejection_sample`` receives the drafts, the drafter probabilities q and the
+target logits already processed by temperature/top-k/top-p. The wrapper runs
+it unchanged, then hands the same tensors and its output to
+``vllm_metasd.feedback``, which computes the alignment reward only while a
+MetaSD runner is capturing (a no-op for every other engine).
+"""
+from __future__ import annotations
+
+from vllm.v1.sample import rejection_sampler as rs
+
+from vllm_metasd import feedback
+from vllm_metasd.patches._util import wrap
+
+
+def _rejection_sample(original):
+    def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len,
+                         cu_num_draft_tokens, draft_probs, target_logits,
+                         bonus_token_ids, sampling_metadata, *args, **kwargs):
+        output = original(draft_token_ids, num_draft_tokens, max_spec_len,
+                          cu_num_draft_tokens, draft_probs, target_logits,
+                          bonus_token_ids, sampling_metadata, *args, **kwargs)
+        is_greedy = None
+        if not sampling_metadata.all_greedy:
+            # Same greedy test as rejection_sample itself (GREEDY_TEMPERATURE = 0).
+            is_greedy = sampling_metadata.temperature == 0
+        feedback.observe_verification(
+            draft_token_ids, num_draft_tokens, cu_num_draft_tokens, draft_probs,
+            target_logits, is_greedy, output,
+        )
+        return output
+
+    return rejection_sample
+
+
+def apply() -> None:
+    wrap(rs, "rejection_sample", _rejection_sample)

@@ -1,0 +1,73 @@
+"""Patch: let ``speculative_config`` select MetaSD.
+
+vLLM validates ``SpeculativeConfig.method`` against a closed list, so the
+plugin translates a MetaSD request at the one place both the CLI
+(``--speculative-config``) and ``LLM(speculative_config=...)`` pass through,
+``EngineArgs.create_speculative_config``:
+
+    {"method": "metasd", "config": "metasd.json"}       # a path
+    {"method": "metasd", "config": {...}}               # metasd.json inline
+
+becomes vLLM's own ``draft_model`` method on the first draft LM (so vLLM sets
+up draft-model KV, vocabulary checks and probabilistic draft sampling), as a
+``MetaSDSpeculativeConfig``: vLLM's class plus one field, ``metasd``, holding
+the validated MetaSD config as a plain dict. Being a real field, it survives
+pickling into the engine-core and worker processes and vLLM's own config
+hashing. The model-runner patch then swaps in the MetaSD proposer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.config import SpeculativeConfig
+from vllm.config.utils import config
+from vllm.engine.arg_utils import EngineArgs
+
+from vllm_metasd.patches._util import wrap
+
+
+@config
+class MetaSDSpeculativeConfig(SpeculativeConfig):
+    metasd: dict[str, Any] | None = None
+    """The validated metasd.json (see vllm_metasd.config)."""
+
+
+def drafter_speculative_config(spec: SpeculativeConfig, model: str) -> SpeculativeConfig:
+    """vLLM's draft-model config for one more drafter, sharing spec's settings.
+
+    (vLLM's ``replace`` cannot re-validate a draft-model SpeculativeConfig, so
+    the config is rebuilt from the user-level fields.)
+    """
+    return SpeculativeConfig(
+        method="draft_model",
+        model=model,
+        num_speculative_tokens=spec.num_speculative_tokens,
+        draft_sample_method=spec.draft_sample_method,
+        draft_tensor_parallel_size=spec.draft_parallel_config.tensor_parallel_size,
+        max_model_len=spec.max_model_len,
+        enforce_eager=spec.enforce_eager,
+        target_model_config=spec.target_model_config,
+        target_parallel_config=spec.target_parallel_config,
+    )
+
+
+def _create_speculative_config(original):
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        spec = self.speculative_config
+        if not (isinstance(spec, dict) and spec.get("method") == "metasd"):
+            return original(self, target_model_config, target_parallel_config)
+        from vllm_metasd.config import from_speculative_config
+
+        metasd = from_speculative_config(spec)
+        return MetaSDSpeculativeConfig(
+            **metasd.vllm_speculative_kwargs(),
+            metasd=metasd.to_json_dict(),
+            target_model_config=target_model_config,
+            target_parallel_config=target_parallel_config,
+        )
+
+    return create_speculative_config
+
+
+def apply() -> None:
+    wrap(EngineArgs, "create_speculative_config", _create_speculative_config)

@@ -1,0 +1,37 @@
+"""Patch: MetaSD statistics over vLLM's worker RPC.
+
+Adds two methods to ``WorkerBase`` so callers can use the stock
+``LLM.collective_rpc("metasd_stats")`` (and the engine-core utility path)
+without enabling insecure callable serialization:
+
+- ``metasd_stats()``: per-drafter and per-request statistics (dict) of this
+  worker's MetaSD proposer, or None when MetaSD is not active;
+- ``metasd_reset_stats()``: zero the aggregate counters (benchmarks).
+"""
+from __future__ import annotations
+
+from vllm.v1.worker.worker_base import WorkerBase
+
+
+def _drafter(worker):
+    from vllm_metasd.proposer import MetaSDProposer
+
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    return drafter if isinstance(drafter, MetaSDProposer) else None
+
+
+def metasd_stats(self):
+    drafter = _drafter(self)
+    return None if drafter is None else drafter.stats()
+
+
+def metasd_reset_stats(self):
+    drafter = _drafter(self)
+    if drafter is not None:
+        drafter.reset_stats()
+
+
+def apply() -> None:
+    if not hasattr(WorkerBase, "metasd_stats"):
+        WorkerBase.metasd_stats = metasd_stats
+        WorkerBase.metasd_reset_stats = metasd_reset_stats

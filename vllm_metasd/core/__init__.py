@@ -1,0 +1,24 @@
+"""The MetaSD core: rewards, bandit policies, per-request state, grouping.
+
+Pure torch/numpy/Python; no vLLM import, so it is testable in milliseconds.
+"""
+from vllm_metasd.core.grouping import CatchUpTracker, group_rows_by_arm
+from vllm_metasd.core.policies import (
+    POLICIES, ArmPrior, BanditState, DiscountedUCBPolicy, EpsilonGreedyPolicy,
+    EXP3Policy, FixedArmPolicy, GlobalPrior, Policy, SlidingWindowUCBPolicy,
+    UCBPolicy, make_policy,
+)
+from vllm_metasd.core.rewards import (
+    acceptance_reward, bd_reward, bd_reward_greedy, bd_reward_onehot_target,
+    row_ids, segment_mean,
+)
+from vllm_metasd.core.state import ArmStats, RequestState, RequestStateStore
+
+__all__ = [
+    "POLICIES", "ArmPrior", "ArmStats", "BanditState", "CatchUpTracker",
+    "DiscountedUCBPolicy", "EXP3Policy", "EpsilonGreedyPolicy", "FixedArmPolicy",
+    "GlobalPrior", "Policy", "RequestState", "RequestStateStore",
+    "SlidingWindowUCBPolicy", "UCBPolicy", "acceptance_reward", "bd_reward",
+    "bd_reward_greedy", "bd_reward_onehot_target", "group_rows_by_arm",
+    "make_policy", "row_ids", "segment_mean",
+]

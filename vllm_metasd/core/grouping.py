@@ -1,0 +1,52 @@
+"""Bookkeeping the proposer needs each step: rows per arm, and drafter catch-up.
+
+Catch-up: a draft LM holds KV for a request only up to the tokens it has
+processed. A drafter not chosen for some steps misses the tokens generated
+meanwhile and must process them before drafting again (MetaSD's switching
+cost). ``CatchUpTracker`` remembers, per (request, drafter), how many leading
+tokens have valid drafter KV.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def group_rows_by_arm(arms: Sequence[int] | np.ndarray, num_arms: int) -> list[np.ndarray]:
+    """Row indices per arm in stable row order; rows with arm < 0 draft nothing."""
+    arms = np.asarray(arms, dtype=np.int64)
+    order = np.argsort(arms, kind="stable")
+    bounds = np.searchsorted(arms[order], np.arange(num_arms + 1))
+    return [order[bounds[a]:bounds[a + 1]] for a in range(num_arms)]
+
+
+class CatchUpTracker:
+    def __init__(self) -> None:
+        self._computed: dict[str, dict[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._computed)
+
+    def computed(self, req_id: str, arm: int) -> int:
+        """Leading tokens of the request whose KV this drafter holds."""
+        return self._computed.get(req_id, {}).get(arm, 0)
+
+    def pending(self, req_id: str, arm: int, seq_len: int) -> int:
+        """Tokens the drafter must process before it can draft at ``seq_len``."""
+        return seq_len - self.computed(req_id, arm)
+
+    def mark_computed(self, req_id: str, arm: int, n: int) -> None:
+        self._computed.setdefault(req_id, {})[arm] = n
+
+    def invalidate(self, req_id: str, from_pos: int, arm: int | None = None) -> None:
+        """KV at positions >= from_pos is no longer valid (for one arm or all)."""
+        arms = self._computed.get(req_id)
+        if not arms:
+            return
+        for a in ([arm] if arm is not None else list(arms)):
+            if a in arms:
+                arms[a] = min(arms[a], from_pos)
+
+    def free(self, req_id: str) -> None:
+        self._computed.pop(req_id, None)

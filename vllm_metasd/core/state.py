@@ -1,0 +1,114 @@
+"""Per-request bandit state and per-drafter statistics.
+
+One dict keyed by request id: created on a request's first step, freed when
+it finishes or is aborted; every operation is O(1). Aggregate per-drafter
+counters (chosen / drafted / accepted / reward) live beside it for metrics
+and benchmarks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from vllm_metasd.core.policies import BanditState, GlobalPrior, Policy
+
+
+@dataclasses.dataclass(slots=True)
+class ArmStats:
+    chosen: list[int]
+    drafted: list[int]
+    accepted: list[int]
+    reward_sum: list[float]
+    reward_count: list[int]
+
+    @classmethod
+    def zeros(cls, n: int) -> "ArmStats":
+        return cls([0] * n, [0] * n, [0] * n, [0.0] * n, [0] * n)
+
+    def as_dict(self, names: list[str]) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                "chosen": self.chosen[i],
+                "drafted": self.drafted[i],
+                "accepted": self.accepted[i],
+                "acceptance_rate": self.accepted[i] / self.drafted[i] if self.drafted[i] else 0.0,
+                "mean_reward": (self.reward_sum[i] / self.reward_count[i]
+                                if self.reward_count[i] else 0.0),
+            }
+            for i, name in enumerate(names)
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class RequestState:
+    bandit: BanditState
+    stats: ArmStats
+    last_arm: int | None = None  # arm whose drafts are being verified
+
+
+class RequestStateStore:
+    def __init__(self, policy: Policy, arm_names: list[str] | None = None,
+                 warm_start: bool = False, prior_pseudo_count: float = 2.0):
+        self.policy = policy
+        n = policy.num_arms
+        self.arm_names = arm_names or [str(i) for i in range(n)]
+        self.warm_start = warm_start
+        self.prior_pseudo_count = prior_pseudo_count
+        self.global_prior = GlobalPrior(n)
+        self.totals = ArmStats.zeros(n)
+        self._states: dict[str, RequestState] = {}
+        self._created = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._states
+
+    def get(self, req_id: str) -> RequestState | None:
+        return self._states.get(req_id)
+
+    def get_or_create(self, req_id: str) -> RequestState:
+        state = self._states.get(req_id)
+        if state is None:
+            prior = self.global_prior.prior(self.prior_pseudo_count) if self.warm_start else None
+            state = RequestState(self.policy.new_state(prior, state_seed=self._created),
+                                 ArmStats.zeros(self.policy.num_arms))
+            self._created += 1
+            self._states[req_id] = state
+        return state
+
+    def choose(self, state: RequestState) -> int:
+        arm = self.policy.select(state.bandit)
+        state.stats.chosen[arm] += 1
+        self.totals.chosen[arm] += 1
+        return arm
+
+    def record(self, state: RequestState, arm: int, drafted: int, accepted: int,
+               reward: float) -> None:
+        """One verification of ``arm``'s drafts: statistics, then the bandit update."""
+        for stats in (state.stats, self.totals):
+            stats.drafted[arm] += drafted
+            stats.accepted[arm] += accepted
+        if math.isnan(reward):
+            return
+        reward = min(max(reward, 0.0), 1.0)
+        for stats in (state.stats, self.totals):
+            stats.reward_sum[arm] += reward
+            stats.reward_count[arm] += 1
+        self.policy.update(state.bandit, arm, reward)
+
+    def free(self, req_id: str) -> RequestState | None:
+        state = self._states.pop(req_id, None)
+        if state is not None and self.warm_start:
+            self.global_prior.observe(state.bandit)
+        return state
+
+    def reset_stats(self) -> None:
+        self.totals = ArmStats.zeros(self.policy.num_arms)
+
+    def snapshot(self) -> dict:
+        return {
+            "live_requests": len(self._states),
+            "drafters": self.totals.as_dict(self.arm_names),
+        }
