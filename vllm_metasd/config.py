@@ -66,7 +66,8 @@ Drafter = Annotated[Union[DraftModelDrafter, NgramDrafter], Field(discriminator=
 POLICY_PARAMS: dict[str, dict[str, tuple[float, float, bool]]] = {
     # name: (low, high, low_inclusive)
     "ucb": {"beta": (0.0, float("inf"), False)},
-    "exp3": {"gamma": (0.0, 1.0, False), "eta": (0.0, float("inf"), False)},
+    "exp3": {"gamma": (0.0, 1.0, False), "eta": (0.0, float("inf"), False),
+             "alpha": (0.0, 1.0, True)},
     "discounted_ucb": {"beta": (0.0, float("inf"), False), "gamma": (0.0, 1.0, False)},
     "sliding_window_ucb": {"beta": (0.0, float("inf"), False), "window": (1, float("inf"), True)},
     "epsilon_greedy": {"epsilon": (0.0, 1.0, True)},

@@ -1,7 +1,7 @@
 """Alignment feedback captured at verification (torch only, no vLLM import).
 
-The rejection-sampler patch calls :func:`observe_verification` with exactly
-what vLLM's ``rejection_sample`` sees. When a MetaSD model runner has opened a
+The rejection-sampler patch calls :func:`observe_drafts` and
+:func:`observe_output` with exactly what vLLM's ``rejection_sample`` sees. When a MetaSD model runner has opened a
 :func:`capture` around its sampling step, the per-row reward and accepted
 counts are computed there, batched, and handed back to the runner, which
 routes them to each request's bandit before the next arm choice. Outside a
@@ -63,30 +63,42 @@ def token_alignment(
     return torch.where(is_greedy_token, match, soft.clamp_(0.0, 1.0))
 
 
-def observe_verification(
+def capturing() -> bool:
+    return getattr(_local, "current", None) is not None
+
+
+def observe_drafts(
     draft_token_ids: torch.Tensor,
     num_draft_tokens: list[int],
     cu_num_draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor | None,
     target_logits: torch.Tensor,
     is_greedy_row: torch.Tensor | None,
-    output_token_ids: torch.Tensor,  # [B, max_spec_len + 1], -1 = placeholder
 ) -> None:
+    """Before rejection sampling (which may reuse ``target_logits`` in place):
+    the BD reward of every row."""
     record: Verification | None = getattr(_local, "current", None)
     if record is None:
         return
-    drafted = torch.tensor(num_draft_tokens, dtype=torch.int64)
-    # Accepted drafts = emitted tokens minus the one bonus/recovered token.
-    accepted = ((output_token_ids != -1).sum(dim=1) - 1).clamp_(min=0).cpu()
-    accepted = torch.minimum(accepted, drafted)
-    record.num_drafted, record.num_accepted = drafted, accepted
-    if record.reward_kind == "acceptance":
-        record.rewards = acceptance_reward(accepted, drafted)
+    record.num_drafted = torch.tensor(num_draft_tokens, dtype=torch.int64)
+    if record.reward_kind != "bd":
         return
     is_greedy_token = None
     if is_greedy_row is not None:
         is_greedy_token = torch.repeat_interleave(
-            is_greedy_row, drafted.to(is_greedy_row.device)
+            is_greedy_row, record.num_drafted.to(is_greedy_row.device)
         )
     align = token_alignment(draft_token_ids, draft_probs, target_logits, is_greedy_token)
     record.rewards = segment_mean(align, cu_num_draft_tokens).cpu()
+
+
+def observe_output(output_token_ids: torch.Tensor) -> None:
+    """After rejection sampling: accepted drafts per row ([B, k+1], -1 = empty)."""
+    record: Verification | None = getattr(_local, "current", None)
+    if record is None or record.num_drafted is None:
+        return
+    # Emitted tokens minus the one bonus/recovered token.
+    accepted = ((output_token_ids != -1).sum(dim=1) - 1).clamp_(min=0).cpu()
+    record.num_accepted = torch.minimum(accepted, record.num_drafted)
+    if record.reward_kind == "acceptance":
+        record.rewards = acceptance_reward(record.num_accepted, record.num_drafted)

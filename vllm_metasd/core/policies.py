@@ -151,15 +151,22 @@ class SlidingWindowUCBPolicy(UCBPolicy):
 
 class EXP3Policy(Policy):
     """EXP3 (Auer et al. 2002): exponential weights on importance-weighted
-    rewards, mixed with uniform exploration gamma. Log-weights keep it stable."""
+    rewards, mixed with uniform exploration gamma. Log-weights keep it stable.
+
+    ``alpha`` > 0 adds EXP3.S weight sharing (same paper, Sec. 8): every round
+    each arm receives alpha/K of the total weight, so an arm that was bad for
+    a long time can take over quickly when it becomes the best (a request
+    switching task). alpha = 0 is classic EXP3.
+    """
 
     name = "exp3"
 
     def __init__(self, num_arms: int, seed: int = 0, gamma: float = 0.1,
-                 eta: float | None = None):
+                 eta: float | None = None, alpha: float = 1e-3):
         super().__init__(num_arms, seed)
         self.gamma = gamma
         self.eta = gamma / num_arms if eta is None else eta
+        self.alpha = alpha
 
     def new_state(self, prior: ArmPrior | None = None, state_seed: int = 0) -> BanditState:
         state = super().new_state(None, state_seed)
@@ -188,8 +195,15 @@ class EXP3Policy(Policy):
     def update(self, state: BanditState, arm: int, reward: float) -> None:
         super().update(state, arm, reward)
         p = (state.probs or self._distribution(state))[arm]
-        state.weights[arm] += self.eta * reward / p
         state.probs = None
+        if self.alpha <= 0.0:
+            state.weights[arm] += self.eta * reward / p
+            return
+        top = max(state.weights)
+        w = [math.exp(x - top) for x in state.weights]
+        share = math.e * self.alpha / self.num_arms * sum(w)
+        w[arm] *= math.exp(self.eta * reward / p)
+        state.weights = [math.log(x + share) + top for x in w]
 
 
 class EpsilonGreedyPolicy(Policy):
