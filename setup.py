@@ -31,6 +31,7 @@ setup(
         "tqdm==4.70.1",
         "pytest==9.0.3",
         "hypothesis==6.155.2",
+        "scipy==1.17.1",
     ],
     extras_require={
         # CPU machines (this project's CI): the vLLM 0.32.0 source built for CPU.

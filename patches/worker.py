@@ -6,7 +6,9 @@ without enabling insecure callable serialization:
 
 - ``metasd_stats()``: per-drafter and per-request statistics (dict) of this
   worker's MetaSD proposer, or None when MetaSD is not active;
-- ``metasd_reset_stats()``: zero the aggregate counters (benchmarks).
+- ``metasd_reset_stats()``: zero the aggregate counters (benchmarks);
+- ``metasd_reconfigure(policy=None, reward=None)``: switch the bandit policy
+  (a metasd.json ``policy`` object) or reward kind without restarting.
 """
 from __future__ import annotations
 
@@ -31,7 +33,15 @@ def metasd_reset_stats(self):
         drafter.reset_stats()
 
 
+def metasd_reconfigure(self, policy=None, reward=None):
+    drafter = _drafter(self)
+    if drafter is None:
+        raise RuntimeError("MetaSD is not active in this engine")
+    drafter.reconfigure(policy, reward)
+
+
 def apply() -> None:
     if not hasattr(WorkerBase, "metasd_stats"):
         WorkerBase.metasd_stats = metasd_stats
         WorkerBase.metasd_reset_stats = metasd_reset_stats
+        WorkerBase.metasd_reconfigure = metasd_reconfigure

@@ -314,6 +314,16 @@ class MetaSDProposer(DraftModelProposer):
 
     # ---- statistics ------------------------------------------------------------
 
+    def reconfigure(self, policy: dict | None = None, reward: str | None = None) -> None:
+        """Swap the bandit policy / reward kind at runtime (benchmarks compare
+        policies on one engine). Validated like metasd.json; bandit states
+        restart, so call it between workloads."""
+        update = {k: v for k, v in (("policy", policy), ("reward", reward)) if v is not None}
+        self.config = load_config({**self.config.to_json_dict(), **update})
+        self.store = RequestStateStore(
+            self.config.make_policy(), self.arm_names, warm_start=self.config.warm_start
+        )
+
     def reset_stats(self) -> None:
         self.store.reset_stats()
         self.overhead_s, self.steps = 0.0, 0

@@ -110,5 +110,6 @@ class RequestStateStore:
     def snapshot(self) -> dict:
         return {
             "live_requests": len(self._states),
+            "live_request_ids": sorted(self._states),
             "drafters": self.totals.as_dict(self.arm_names),
         }

@@ -1,0 +1,124 @@
+"""MetaSD through real vLLM CPU engines (tiny random-weight models)."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from conftest import PROMPTS, make_llm, metasd_config, stats
+
+
+def greedy(llm, prompts=PROMPTS, max_tokens=24):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def reference(plain_llm):
+    return greedy(plain_llm)
+
+
+@pytest.mark.parametrize("policy", [
+    {"name": "ucb", "beta": 1.0}, {"name": "exp3", "gamma": 0.2},
+    {"name": "discounted_ucb", "gamma": 0.9}, {"name": "sliding_window_ucb", "window": 8},
+    {"name": "epsilon_greedy", "epsilon": 0.2}, {"name": "fixed", "arm": 0},
+])
+def test_greedy_equals_plain_decoding_for_every_policy(metasd4_llm, reference, policy):
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"policy": policy})
+    metasd4_llm.collective_rpc("metasd_reset_stats")
+    assert greedy(metasd4_llm) == reference
+    chosen = {k: v["chosen"] for k, v in stats(metasd4_llm)["drafters"].items()}
+    assert sum(chosen.values()) > 0
+    if policy["name"] == "fixed":
+        assert set(k for k, v in chosen.items() if v) == {"bad1"}
+
+
+def test_greedy_equals_plain_with_two_drafters(tiny_zoo, reference):
+    cfg = metasd_config(tiny_zoo, ["good", "bad1"], {"name": "ucb", "beta": 1.0})
+    llm = make_llm(tiny_zoo["target"], {"method": "metasd", "config": cfg})
+    try:
+        assert greedy(llm) == reference
+        drafters = stats(llm)["drafters"]
+        # The aligned drafter is the target's copy: every draft it made is accepted.
+        assert drafters["good"]["drafted"] > 0
+        assert drafters["good"]["accepted"] == drafters["good"]["drafted"]
+        assert drafters["bad1"]["chosen"] > 0  # UCB tried it
+    finally:
+        del llm
+
+
+def test_one_reward_per_request_step_from_the_chosen_arm(metasd4_llm):
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"policy": {"name": "fixed", "arm": 1}})
+    metasd4_llm.collective_rpc("metasd_reset_stats")
+    out = greedy(metasd4_llm, PROMPTS[:8], max_tokens=20)
+    d = stats(metasd4_llm)["drafters"]
+    good = d["good"]
+    for name in ("bad1", "bad2", "lookup"):
+        assert d[name]["chosen"] == 0 and d[name]["drafted"] == 0
+    # Each choice is verified (and rewarded) on the next step, except the
+    # choice made at each request's last step, which is never verified.
+    assert good["chosen"] - len(out) <= good["drafted"] / 3 <= good["chosen"]
+    assert good["accepted"] == good["drafted"] and good["mean_reward"] == 1.0
+
+
+def test_bad_drafters_end_up_rarely_chosen(metasd4_llm):
+    metasd4_llm.collective_rpc("metasd_reconfigure",
+                               kwargs={"policy": {"name": "ucb", "beta": 1.0}})
+    metasd4_llm.collective_rpc("metasd_reset_stats")
+    max_tokens = 96
+    greedy(metasd4_llm, PROMPTS, max_tokens=max_tokens)
+    d = stats(metasd4_llm)["drafters"]
+    total = sum(v["chosen"] for v in d.values())
+    # A random drafter earns reward ~0 while "good" earns 1, so UCB keeps
+    # choosing it only while sqrt(beta ln t / n) > 1, i.e. n < 1 + beta ln t:
+    # per request at most 1 + ln(max_tokens) times.
+    bound = len(PROMPTS) * (1 + math.log(max_tokens))
+    for bad in ("bad1", "bad2"):
+        assert d[bad]["chosen"] <= bound
+        assert d[bad]["chosen"] / total < 0.2
+    assert d["good"]["chosen"] / total > 0.5
+
+
+def test_states_freed_after_many_requests_and_abort(metasd4_llm):
+    from vllm import SamplingParams
+
+    greedy(metasd4_llm, [PROMPTS[i % 16] for i in range(500)], max_tokens=3)
+    engine = metasd4_llm.llm_engine
+    engine.add_request("to-abort", PROMPTS[0], SamplingParams(max_tokens=200, temperature=0))
+    for _ in range(4):
+        engine.step()
+    aborted = lambda: [r for r in stats(metasd4_llm)["live_request_ids"]
+                       if r.startswith("to-abort")]  # vLLM suffixes request ids
+    assert len(aborted()) == 1
+    engine.abort_request(["to-abort"])
+    greedy(metasd4_llm, PROMPTS[:1], max_tokens=2)  # a step delivers the abort
+    # Only the last request may remain: the runner hears of a finish on the next step.
+    assert aborted() == [] and len(stats(metasd4_llm)["live_request_ids"]) <= 1
+
+
+def _second_token_counts(llm, n, seed):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=1.0, seed=seed, n=n, ignore_eos=True)
+    out = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    return [c.token_ids[1] for c in out.outputs]
+
+
+def test_sampling_distribution_matches_target(plain_llm, metasd4_llm):
+    # The 2nd generated token is the first one verified by rejection sampling
+    # (the 1st comes from prefill). Two-sample chi-square on its distribution.
+    metasd4_llm.collective_rpc("metasd_reconfigure",
+                               kwargs={"policy": {"name": "exp3", "gamma": 0.5}})
+    a = _second_token_counts(plain_llm, 600, seed=1)
+    b = _second_token_counts(metasd4_llm, 600, seed=2)
+    tokens = sorted(set(a) | set(b))
+    table = np.array([[a.count(t) for t in tokens], [b.count(t) for t in tokens]])
+    # Pool rare tokens so expected counts are >= 5.
+    common = table.sum(0) >= 20
+    pooled = np.column_stack([table[:, common], table[:, ~common].sum(1)])
+    pooled = pooled[:, pooled.sum(0) > 0]
+    assert pooled.shape[1] >= 2
+    p_value = sps.chi2_contingency(pooled)[1]
+    assert p_value > 0.001

@@ -1,0 +1,31 @@
+"""The plugin: entry point, version check, idempotent patching."""
+from importlib.metadata import entry_points
+
+import pytest
+
+
+def test_entry_point_registered():
+    eps = entry_points(group="vllm.general_plugins")
+    assert any(ep.name == "metasd" and ep.value == "vllm_metasd.plugin:register" for ep in eps)
+
+
+def test_untested_vllm_version_is_refused_with_the_supported_one_named():
+    from vllm_metasd.patches import UnsupportedVLLMVersion, check_vllm_version
+
+    check_vllm_version("0.32.0")
+    with pytest.raises(UnsupportedVLLMVersion, match=r"supports vLLM 0\.32\.0 only, found vLLM 0\.33\.1"):
+        check_vllm_version("0.33.1")
+
+
+def test_patches_apply_once_and_are_idempotent():
+    from vllm.v1.sample import rejection_sampler as rs
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_metasd.patches import apply_all
+    from vllm_metasd.patches._util import original
+
+    first = apply_all()
+    fn = rs.rejection_sample
+    assert apply_all() == first
+    assert rs.rejection_sample is fn and original(fn) is not fn
+    assert original(GPUModelRunner._sample) is not GPUModelRunner._sample
