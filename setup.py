@@ -32,6 +32,7 @@ setup(
         "pytest==9.0.3",
         "hypothesis==6.155.2",
         "scipy==1.17.1",
+        "faker==40.54.0",  # zoo corpus: German text (vllm_metasd.zoo.corpus)
     ],
     extras_require={
         # CPU machines (this project's CI): the vLLM 0.32.0 source built for CPU.

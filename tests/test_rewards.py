@@ -3,62 +3,116 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_metasd.core import (
-    acceptance_reward, bd_reward, bd_reward_greedy, bd_reward_onehot_target, segment_mean,
+    acceptance_reward, bd_reward, bd_reward_greedy, bd_reward_onehot_target, row_ids,
+    segment_mean,
 )
 
+onehot = lambda ids, v: torch.nn.functional.one_hot(ids, v).float()  # noqa: E731
 
-def test_bd_reward_hand_computed():
+
+def test_bd_reward_hand_computed_3_token_vocab():
     # Row 0 drafts 2 tokens, row 1 drafts 1 (a partial draft), vocab of 3.
-    # pos0: p=(.5,.3,.2) q=(.2,.3,.5): L1=.3+0+.3=.6, TV=.3 -> 1-TV=.7
-    # pos1: p=q                      : TV=0   -> 1
-    # row 0 reward = (.7 + 1) / 2 = .85
-    # pos2: p=(1,0,0) q=(0,1,0)      : TV=1   -> 0 ; row 1 reward = 0
-    p = torch.tensor([[.5, .3, .2], [.1, .1, .8], [1., 0., 0.]])
-    q = torch.tensor([[.2, .3, .5], [.1, .1, .8], [0., 1., 0.]])
+    # pos0: p=(.5,.3,.2) q=(.2,.3,.5): L1 = .3+0+.3 = .6, TV = .3 -> 1-TV = .7
+    # pos1: p=(.1,.6,.3) q=(.3,.6,.1): L1 = .2+0+.2 = .4, TV = .2 -> 1-TV = .8
+    # row 0 reward = (.7 + .8) / 2 = .75
+    # pos2: p=(1,0,0)    q=(.4,.6,0) : L1 = .6+.6 = 1.2, TV = .6 -> 1-TV = .4
+    # row 1 reward = .4 / 1 (normalised by the 1 token drafted, not by k)
+    p = torch.tensor([[.5, .3, .2], [.1, .6, .3], [1., 0., 0.]])
+    q = torch.tensor([[.2, .3, .5], [.3, .6, .1], [.4, .6, 0.]])
     r = bd_reward(p, q, torch.tensor([2, 3]))
-    assert r.tolist() == pytest.approx([0.85, 0.0])
+    assert r.dtype == torch.float32
+    assert r.tolist() == pytest.approx([0.75, 0.4])
+
+
+def test_identical_and_disjoint_distributions_are_the_extremes():
+    p = torch.tensor([[.5, .5, 0., 0.], [.25, .25, .25, .25]])
+    assert bd_reward(p, p.clone(), torch.tensor([2])).item() == pytest.approx(1.0)
+    q = torch.tensor([[0., 0., .5, .5]])
+    assert bd_reward(p[:1], q, torch.tensor([1])).item() == pytest.approx(0.0)
 
 
 def test_empty_rows_are_nan_and_partial_drafts_normalise_by_drafted():
-    p = torch.tensor([[1., 0.], [0., 1.]])
-    r = bd_reward(p, p.clone(), torch.tensor([0, 2, 2]))  # rows: 0, 2, 0 drafted
-    assert math.isnan(r[0]) and r[1] == pytest.approx(1.0) and math.isnan(r[2])
+    p = torch.tensor([[1., 0.], [0., 1.], [1., 0.]])
+    q = torch.tensor([[1., 0.], [1., 0.], [1., 0.]])  # 1-TV: 1, 0, 1
+    r = bd_reward(p, q, torch.tensor([0, 2, 2, 3, 3]))  # drafted: 0, 2, 0, 1, 0
+    assert math.isnan(r[0]) and math.isnan(r[2]) and math.isnan(r[4])
+    assert r[1].item() == pytest.approx(0.5) and r[3].item() == pytest.approx(1.0)
+
+
+def test_row_ids_per_flat_position():
+    assert row_ids(torch.tensor([2, 2, 5, 6]), 6).tolist() == [0, 0, 2, 2, 2, 3]
 
 
 def test_greedy_reward_is_fraction_of_matching_argmax_and_equals_onehot_bd():
     target_argmax = torch.tensor([3, 1, 2, 0, 0])
     draft = torch.tensor([3, 0, 2, 0, 1])
-    cu = torch.tensor([3, 5])
+    cu = torch.tensor([3, 3, 5])
     r = bd_reward_greedy(target_argmax, draft, cu)
-    assert r.tolist() == pytest.approx([2 / 3, 1 / 2])
-    onehot = lambda ids: torch.nn.functional.one_hot(ids, 4).float()
-    assert torch.allclose(bd_reward(onehot(target_argmax), onehot(draft), cu), r)
+    assert r[0].item() == pytest.approx(2 / 3) and math.isnan(r[1])
+    assert r[2].item() == pytest.approx(1 / 2)
+    bd = bd_reward(onehot(target_argmax, 4), onehot(draft, 4), cu)
+    assert torch.allclose(bd, r, equal_nan=True)
 
 
 def test_onehot_target_soft_draft_equals_bd():
     torch.manual_seed(0)
     q = torch.softmax(torch.randn(6, 5), -1)
     a = torch.randint(0, 5, (6,))
-    cu = torch.tensor([1, 4, 6])
-    p = torch.nn.functional.one_hot(a, 5).float()
-    assert torch.allclose(bd_reward_onehot_target(a, q, cu), bd_reward(p, q, cu), atol=1e-6)
+    cu = torch.tensor([1, 4, 4, 6])
+    r = bd_reward_onehot_target(a, q, cu)
+    assert r[0].item() == pytest.approx(q[0, a[0]].item())  # 1 - TV(onehot(a), q) = q[a]
+    assert torch.allclose(r, bd_reward(onehot(a, 5), q, cu), atol=1e-6, equal_nan=True)
 
 
-def test_rewards_in_unit_interval_on_random_distributions():
-    torch.manual_seed(1)
-    p = torch.softmax(torch.randn(50, 7) * 3, -1)
-    q = torch.softmax(torch.randn(50, 7) * 3, -1)
-    r = bd_reward(p, q, torch.tensor([10, 25, 50]))
-    assert ((r >= 0) & (r <= 1)).all()
+def test_bf16_inputs_accumulate_in_fp32():
+    # 300 positions of overlap 0.1 in one row: a bf16 accumulator rounds every
+    # +0.1 to +0.125 above 16 and ends at 32, a mean of 0.107; fp32 gives 0.1.
+    p = torch.zeros(300, 2, dtype=torch.bfloat16)
+    p[:, 0] = 1.0
+    q = torch.zeros(300, 2, dtype=torch.bfloat16)
+    q[:, 0], q[:, 1] = 0.1, 0.9
+    r = bd_reward(p, q, torch.tensor([300]))
+    assert r.dtype == torch.float32
+    assert r.item() == pytest.approx(float(torch.tensor(0.1, dtype=torch.bfloat16)), rel=1e-4)
+    v = torch.full((300,), 0.1, dtype=torch.bfloat16)
+    assert segment_mean(v, torch.tensor([300])).item() == pytest.approx(0.1, rel=1e-2)
 
 
 def test_acceptance_reward():
     r = acceptance_reward(torch.tensor([3, 0, 1]), torch.tensor([4, 0, 1]))
-    assert r[0] == pytest.approx(0.75) and math.isnan(r[1]) and r[2] == 1.0
+    assert r[0].item() == pytest.approx(0.75) and math.isnan(r[1]) and r[2].item() == 1.0
 
 
-def test_segment_mean_bf16_input_accumulates_in_fp32():
-    v = torch.full((300,), 0.1, dtype=torch.bfloat16)
-    assert segment_mean(v, torch.tensor([300])).dtype == torch.float32
+@st.composite
+def batches(draw):
+    """Random distributions p, q and a random split into rows (some empty)."""
+    counts = draw(st.lists(st.integers(0, 4), min_size=1, max_size=6))
+    vocab = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    sharp = draw(st.sampled_from([0.1, 1.0, 10.0, 100.0]))
+    g = torch.Generator().manual_seed(seed)
+    t = sum(counts)
+    p = torch.softmax(torch.randn(t, vocab, generator=g) * sharp, -1)
+    q = torch.softmax(torch.randn(t, vocab, generator=g) * sharp, -1)
+    return p, q, torch.tensor(counts).cumsum(0), counts
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches())
+def test_rewards_in_unit_interval_nan_only_for_empty_rows(batch):
+    p, q, cu, counts = batch
+    empty = torch.tensor([c == 0 for c in counts])
+    for r in (bd_reward(p, q, cu), bd_reward_greedy(p.argmax(-1), q.argmax(-1), cu),
+              bd_reward_onehot_target(p.argmax(-1), q, cu)):
+        assert torch.equal(torch.isnan(r), empty)
+        ok = r[~empty]
+        assert ((ok >= 0) & (ok <= 1)).all()
+    # The BD reward is 1 - TV by its textbook definition too.
+    tv = 0.5 * (p - q).abs().sum(-1)
+    ref = torch.stack([(1 - tv[cu[i] - c:cu[i]]).mean() if c else torch.tensor(math.nan)
+                       for i, c in enumerate(counts)])
+    assert torch.allclose(bd_reward(p, q, cu), ref, atol=1e-5, equal_nan=True)

@@ -13,9 +13,12 @@
       "log_stats_interval_s": 10.0
     }
 
-Unknown keys are errors. Relative drafter paths resolve against the config
-file's directory (against the working directory for inline JSON / dicts).
-Every problem raises ``MetaSDConfigError`` naming the field and the fix.
+Unknown keys are errors, types are strict (``"4"`` is not a number). Relative
+drafter paths resolve against the config file's directory (against the working
+directory for inline JSON / dicts). Policy parameters are those of the policy's
+constructor in ``vllm_metasd.core.policies`` and are range-checked by it, so
+the two cannot drift apart. Every problem raises one ``MetaSDConfigError``
+naming the field (dotted path), the problem and the fix.
 """
 from __future__ import annotations
 
@@ -27,25 +30,37 @@ from typing import Annotated, Any, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from vllm_metasd.core.policies import POLICIES, Policy, make_policy
+from vllm_metasd.core.policies import POLICIES, ParamError, Policy, make_policy, policy_params
 
 
 class MetaSDConfigError(ValueError):
     pass
 
 
+class _FieldError(ValueError):
+    """A validator's error about a sub-field its pydantic location does not name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# Drafter names become part of vLLM layer names (the drafter's KV prefix).
+DrafterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 class DraftModelDrafter(_Strict):
-    name: str = Field(min_length=1)
+    name: DrafterName
     kind: Literal["draft_model"]
     path: str = Field(min_length=1)
 
 
 class NgramDrafter(_Strict):
-    name: str = Field(min_length=1)
+    name: DrafterName
     kind: Literal["ngram"]
     prompt_lookup_min: int = Field(default=2, ge=1)
     prompt_lookup_max: int = Field(default=4, ge=1)
@@ -53,55 +68,37 @@ class NgramDrafter(_Strict):
     @pydantic.model_validator(mode="after")
     def _min_le_max(self) -> "NgramDrafter":
         if self.prompt_lookup_min > self.prompt_lookup_max:
-            raise ValueError(
-                f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
-                f"prompt_lookup_max ({self.prompt_lookup_max})"
-            )
+            raise _FieldError("prompt_lookup_min", (
+                f"{self.prompt_lookup_min} is greater than prompt_lookup_max "
+                f"({self.prompt_lookup_max}); lower it or raise prompt_lookup_max"))
         return self
 
 
 Drafter = Annotated[Union[DraftModelDrafter, NgramDrafter], Field(discriminator="kind")]
 
-# Allowed parameters per policy, with their valid ranges (checked below).
-POLICY_PARAMS: dict[str, dict[str, tuple[float, float, bool]]] = {
-    # name: (low, high, low_inclusive)
-    "ucb": {"beta": (0.0, float("inf"), False)},
-    "exp3": {"gamma": (0.0, 1.0, False), "eta": (0.0, float("inf"), False),
-             "alpha": (0.0, 1.0, True)},
-    "discounted_ucb": {"beta": (0.0, float("inf"), False), "gamma": (0.0, 1.0, False)},
-    "sliding_window_ucb": {"beta": (0.0, float("inf"), False), "window": (1, float("inf"), True)},
-    "epsilon_greedy": {"epsilon": (0.0, 1.0, True)},
-    "fixed": {"arm": (0, float("inf"), True)},
-}
-assert set(POLICY_PARAMS) == set(POLICIES)
-
 
 class PolicyConfig(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """``name`` plus that policy's parameters (checked in MetaSDConfig, which
+    knows the number of arms a fixed arm index must fit)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     name: str = "ucb"
 
+    @pydantic.field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; use one of: {', '.join(POLICIES)}")
+        return name
+
     @pydantic.model_validator(mode="after")
-    def _check_params(self) -> "PolicyConfig":
-        if self.name not in POLICY_PARAMS:
-            raise ValueError(
-                f"unknown policy {self.name!r}; use one of: {', '.join(POLICY_PARAMS)}"
-            )
-        allowed = POLICY_PARAMS[self.name]
-        for key, value in self.params.items():
+    def _known_params(self) -> "PolicyConfig":
+        allowed = policy_params(self.name)
+        for key in self.params:
             if key not in allowed:
-                raise ValueError(
-                    f"policy {self.name!r} has no parameter {key!r}; "
-                    f"its parameters are: {', '.join(allowed) or 'none'}"
-                )
-            low, high, low_incl = allowed[key]
-            is_int = key in ("window", "arm")
-            ok_type = isinstance(value, int) if is_int else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok_type:
-                kind = "an integer" if is_int else "a number"
-                raise ValueError(f"policy.{key} must be {kind}, got {value!r}")
-            if not ((value >= low if low_incl else value > low) and value <= high):
-                lo = "[" if low_incl else "("
-                raise ValueError(f"policy.{key} must be in {lo}{low}, {high}], got {value}")
+                raise _FieldError(key, (
+                    f"policy {self.name!r} has no parameter {key!r}; remove it or use "
+                    f"one of: {', '.join(allowed) or '(none)'}"))
         return self
 
     @property
@@ -110,31 +107,35 @@ class PolicyConfig(BaseModel):
 
 
 class MetaSDConfig(_Strict):
-    num_speculative_tokens: int = Field(ge=1, le=32)
+    num_speculative_tokens: int = Field(ge=1)
     drafters: list[Drafter] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     reward: Literal["bd", "acceptance"] = "bd"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     warm_start: bool = False
     log_stats_interval_s: float = Field(default=10.0, ge=0)
 
-    @pydantic.model_validator(mode="after")
-    def _check(self) -> "MetaSDConfig":
-        names = [d.name for d in self.drafters]
+    @pydantic.field_validator("drafters")
+    @classmethod
+    def _check_drafters(cls, drafters: list) -> list:
+        names = [d.name for d in drafters]
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
-            raise ValueError(f"duplicate drafter names {dups}: every drafter needs a unique name")
-        if not any(d.kind == "draft_model" for d in self.drafters):
-            raise ValueError(
-                "at least one drafter must be a draft LM (kind 'draft_model'); "
-                "for n-gram only, use vLLM's own method 'ngram'"
-            )
-        arm = self.policy.params.get("arm")
-        if self.policy.name == "fixed" and arm is not None and arm >= len(self.drafters):
-            raise ValueError(
-                f"policy.arm = {arm} but there are only {len(self.drafters)} drafters "
-                f"(valid: 0..{len(self.drafters) - 1})"
-            )
+            raise ValueError(f"duplicate drafter names {dups}; give every drafter a unique name")
+        if not any(d.kind == "draft_model" for d in drafters):
+            # The vLLM glue builds on vLLM's draft-model machinery (KV, q).
+            raise ValueError("no drafter of kind 'draft_model'; add at least one draft LM "
+                             "(for n-gram lookup only, use vLLM's own method 'ngram')")
+        return drafters
+
+    @pydantic.model_validator(mode="after")
+    def _check_policy_params(self) -> "MetaSDConfig":
+        try:
+            self.make_policy()
+        except ParamError as e:
+            fix = (f"it indexes the drafters list (0..{len(self.drafters) - 1})"
+                   if e.param == "arm" else "fix the value in the policy object")
+            raise _FieldError(f"policy.{e.param}", f"{e}; {fix}") from None
         return self
 
     @property
@@ -158,27 +159,52 @@ class MetaSDConfig(_Strict):
         }
 
 
+_HINTS = {
+    "num_speculative_tokens": "set it to the tokens each drafter proposes per step, e.g. 4",
+    "drafters": 'give a non-empty list such as [{"name": "code", "kind": "draft_model", '
+                '"path": "zoo/drafter-code"}]',
+    "name": "use letters, digits, '_' or '-' only",
+    "path": "give the drafter's model directory (config.json + weights)",
+    "reward": "use 'bd' (block divergence) or 'acceptance'",
+    "seed": "use an integer >= 0",
+    "warm_start": "use true or false",
+    "log_stats_interval_s": "use seconds >= 0 (0 disables the periodic log)",
+}
+
+
 def _format_error(err: pydantic.ValidationError) -> str:
+    """One readable line per problem: ``field.path: problem; fix``."""
     lines = []
     for e in err.errors():
-        loc = ""
+        parts: list[str] = []
         for part in e["loc"]:
             if isinstance(part, int):
-                loc += f"[{part}]"
-            elif part in ("draft_model", "ngram"):  # discriminated-union tag
-                continue
-            else:
-                loc += f".{part}" if loc else str(part)
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it (check the spelling against the documented schema)"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        elif e["type"] == "union_tag_invalid":
-            msg = "unknown drafter kind; use 'draft_model' (with a path) or 'ngram'"
-        elif e["type"] == "union_tag_not_found":
-            msg = "missing 'kind'; use 'draft_model' (with a path) or 'ngram'"
-        lines.append(f"{loc or 'metasd config'}: {msg}")
+                parts.append(f"[{part}]")
+            elif part not in ("draft_model", "ngram"):  # discriminated-union tag
+                parts.append(f".{part}" if parts else str(part))
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _FieldError):
+            parts.append(f".{cause.field}" if parts else cause.field)
+        loc = "".join(parts)
+        leaf = loc.rsplit(".", 1)[-1]
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against the documented schema"
+        elif kind == "missing":
+            msg = "required field is missing; " + _HINTS.get(leaf, "add it")
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            loc += ".kind"
+            what = "unknown drafter kind" if kind == "union_tag_invalid" else "missing 'kind'"
+            msg = f"{what}; use 'draft_model' (with a path) or 'ngram'"
+        elif kind == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+        else:
+            msg = f"{e['msg'][0].lower()}{e['msg'][1:]}"
+            if isinstance(e.get("input"), (int, float, str, bool)) or e.get("input") is None:
+                msg += f", got {e['input']!r}"
+            if leaf in _HINTS:
+                msg += f"; {_HINTS[leaf]}"
+        lines.append(f"{loc or 'config'}: {msg}")
     return "; ".join(lines)
 
 
@@ -187,48 +213,52 @@ def _resolve_paths(cfg: MetaSDConfig, base: Path) -> MetaSDConfig:
     for i, d in enumerate(cfg.drafters):
         if isinstance(d, DraftModelDrafter):
             path = Path(os.path.expanduser(d.path))
-            path = path if path.is_absolute() else (base / path)
+            path = path if path.is_absolute() else base / path
             if not path.exists():
                 raise MetaSDConfigError(
-                    f"drafters[{i}].path: {str(path)!r} does not exist; point it at a "
-                    "Hugging Face model directory (config.json + weights)"
-                )
+                    f"drafters[{i}].path: {str(path)!r} does not exist; point it at the "
+                    f"drafter's model directory (relative paths resolve against {str(base)!r})")
             d = d.model_copy(update={"path": str(path.resolve())})
         drafters.append(d)
     return cfg.model_copy(update={"drafters": drafters})
 
 
-def load_config(source: str | os.PathLike | dict) -> MetaSDConfig:
-    """Parse and validate a metasd config: a file path, inline JSON or a dict."""
+def load_config(source: str | os.PathLike | dict | MetaSDConfig) -> MetaSDConfig:
+    """Parse and validate a metasd config: a file path, inline JSON (a string
+    starting with ``{``) or a dict. Raises MetaSDConfigError."""
     if isinstance(source, MetaSDConfig):
         return source
     base = Path.cwd()
     if isinstance(source, dict):
         data = source
     else:
-        text = str(source)
+        text = os.fspath(source)
         if text.lstrip().startswith("{"):
             origin = "inline metasd config"
         else:
             path = Path(os.path.expanduser(text))
             try:
-                text = path.read_text()
+                text = path.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise MetaSDConfigError(
-                    f"config: file {str(path)!r} not found; pass the path of a metasd.json"
-                ) from None
-            except OSError as e:
-                raise MetaSDConfigError(f"config: cannot read {str(path)!r}: {e}") from None
-            origin, base = str(path), path.resolve().parent
+                    f"config: file {str(path)!r} not found; pass the path of an existing "
+                    "metasd.json (or inline JSON starting with '{')") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise MetaSDConfigError(
+                    f"config: cannot read {str(path)!r} ({e}); check that it is a readable "
+                    "UTF-8 text file") from None
+            origin, base = repr(str(path)), path.resolve().parent
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise MetaSDConfigError(
-                f"config: {origin} is not valid JSON: {e.msg} at line {e.lineno}, "
-                f"column {e.colno}"
+                f"config: {origin} is not valid JSON: {e.msg} at line {e.lineno}, column "
+                f"{e.colno}; fix the syntax there (JSON has no comments or trailing commas)"
             ) from None
     if not isinstance(data, dict):
-        raise MetaSDConfigError("config: a metasd config must be a JSON object")
+        raise MetaSDConfigError(
+            f"config: must be a JSON object, got {type(data).__name__}; see the schema in "
+            "vllm_metasd/config.py")
     try:
         cfg = MetaSDConfig.model_validate(data)
     except pydantic.ValidationError as e:
@@ -242,11 +272,9 @@ def from_speculative_config(spec: dict[str, Any]) -> MetaSDConfig:
     if unknown:
         raise MetaSDConfigError(
             f"speculative_config: unknown keys {unknown} for method 'metasd'; "
-            "it takes only 'config' (a metasd.json path, inline JSON or a dict)"
-        )
+            "it takes only 'config' (a metasd.json path, inline JSON or a dict)")
     if "config" not in spec:
         raise MetaSDConfigError(
             "speculative_config.config: missing; give the metasd.json path, e.g. "
-            '{"method": "metasd", "config": "metasd.json"}'
-        )
+            '{"method": "metasd", "config": "metasd.json"}')
     return load_config(spec["config"])

@@ -6,19 +6,19 @@ from vllm_metasd.core.grouping import CatchUpTracker, group_rows_by_arm
 from vllm_metasd.core.policies import (
     POLICIES, ArmPrior, BanditState, DiscountedUCBPolicy, EpsilonGreedyPolicy,
     EXP3Policy, FixedArmPolicy, GlobalPrior, Policy, SlidingWindowUCBPolicy,
-    UCBPolicy, make_policy,
+    ParamError, UCBPolicy, make_policy, policy_params,
 )
 from vllm_metasd.core.rewards import (
     acceptance_reward, bd_reward, bd_reward_greedy, bd_reward_onehot_target,
     row_ids, segment_mean,
 )
-from vllm_metasd.core.state import ArmStats, RequestState, RequestStateStore
+from vllm_metasd.core.state import DrafterStats, RequestState, RequestStateStore
 
 __all__ = [
-    "POLICIES", "ArmPrior", "ArmStats", "BanditState", "CatchUpTracker",
-    "DiscountedUCBPolicy", "EXP3Policy", "EpsilonGreedyPolicy", "FixedArmPolicy",
-    "GlobalPrior", "Policy", "RequestState", "RequestStateStore",
+    "POLICIES", "ArmPrior", "BanditState", "CatchUpTracker", "DiscountedUCBPolicy",
+    "DrafterStats", "EXP3Policy", "EpsilonGreedyPolicy", "FixedArmPolicy",
+    "GlobalPrior", "ParamError", "Policy", "RequestState", "RequestStateStore",
     "SlidingWindowUCBPolicy", "UCBPolicy", "acceptance_reward", "bd_reward",
     "bd_reward_greedy", "bd_reward_onehot_target", "group_rows_by_arm",
-    "make_policy", "row_ids", "segment_mean",
+    "make_policy", "policy_params", "row_ids", "segment_mean",
 ]

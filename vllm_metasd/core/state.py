@@ -14,7 +14,9 @@ from vllm_metasd.core.policies import BanditState, GlobalPrior, Policy
 
 
 @dataclasses.dataclass(slots=True)
-class ArmStats:
+class DrafterStats:
+    """Per-arm counters: of one request, or summed over all requests."""
+
     chosen: list[int]
     drafted: list[int]
     accepted: list[int]
@@ -22,8 +24,12 @@ class ArmStats:
     reward_count: list[int]
 
     @classmethod
-    def zeros(cls, n: int) -> "ArmStats":
+    def zeros(cls, n: int) -> "DrafterStats":
         return cls([0] * n, [0] * n, [0] * n, [0.0] * n, [0] * n)
+
+    def mean_rewards(self) -> list[float]:
+        """Per-arm mean reward; NaN for arms never rewarded."""
+        return [s / c if c else math.nan for s, c in zip(self.reward_sum, self.reward_count)]
 
     def as_dict(self, names: list[str]) -> dict[str, dict[str, float]]:
         return {
@@ -32,6 +38,7 @@ class ArmStats:
                 "drafted": self.drafted[i],
                 "accepted": self.accepted[i],
                 "acceptance_rate": self.accepted[i] / self.drafted[i] if self.drafted[i] else 0.0,
+                "reward_count": self.reward_count[i],
                 "mean_reward": (self.reward_sum[i] / self.reward_count[i]
                                 if self.reward_count[i] else 0.0),
             }
@@ -42,22 +49,28 @@ class ArmStats:
 @dataclasses.dataclass(slots=True)
 class RequestState:
     bandit: BanditState
-    stats: ArmStats
-    last_arm: int | None = None  # arm whose drafts are being verified
+    stats: DrafterStats
+    last_arm: int | None = None  # arm whose drafts await verification
 
 
 class RequestStateStore:
+    """``arm_names`` label the snapshot; ``warm_start`` starts each new
+    request's bandit from the finished requests' per-arm mean rewards, each
+    worth ``prior_pseudo_count`` pulls."""
+
     def __init__(self, policy: Policy, arm_names: list[str] | None = None,
                  warm_start: bool = False, prior_pseudo_count: float = 2.0):
         self.policy = policy
         n = policy.num_arms
-        self.arm_names = arm_names or [str(i) for i in range(n)]
+        self.arm_names = list(arm_names) if arm_names else [str(i) for i in range(n)]
+        if len(self.arm_names) != n:
+            raise ValueError(f"{len(self.arm_names)} arm names for {n} arms")
         self.warm_start = warm_start
         self.prior_pseudo_count = prior_pseudo_count
         self.global_prior = GlobalPrior(n)
-        self.totals = ArmStats.zeros(n)
+        self.totals = DrafterStats.zeros(n)
         self._states: dict[str, RequestState] = {}
-        self._created = 0
+        self._created = 0  # state seed: reproducible, distinct per request
 
     def __len__(self) -> int:
         return len(self._states)
@@ -73,39 +86,51 @@ class RequestStateStore:
         if state is None:
             prior = self.global_prior.prior(self.prior_pseudo_count) if self.warm_start else None
             state = RequestState(self.policy.new_state(prior, state_seed=self._created),
-                                 ArmStats.zeros(self.policy.num_arms))
+                                 DrafterStats.zeros(self.policy.num_arms))
             self._created += 1
             self._states[req_id] = state
         return state
 
     def choose(self, state: RequestState) -> int:
+        """The policy's arm for this step, counted as chosen and kept as ``last_arm``."""
         arm = self.policy.select(state.bandit)
         state.stats.chosen[arm] += 1
         self.totals.chosen[arm] += 1
+        state.last_arm = arm
         return arm
 
     def record(self, state: RequestState, arm: int, drafted: int, accepted: int,
                reward: float) -> None:
-        """One verification of ``arm``'s drafts: statistics, then the bandit update."""
+        """One verification of ``arm``'s drafts: statistics, then the bandit
+        update unless the reward is NaN (nothing drafted: no information)."""
         for stats in (state.stats, self.totals):
             stats.drafted[arm] += drafted
             stats.accepted[arm] += accepted
         if math.isnan(reward):
             return
-        reward = min(max(reward, 0.0), 1.0)
+        reward = min(max(reward, 0.0), 1.0)  # float noise must not leave the policy's range
         for stats in (state.stats, self.totals):
             stats.reward_sum[arm] += reward
             stats.reward_count[arm] += 1
         self.policy.update(state.bandit, arm, reward)
 
     def free(self, req_id: str) -> RequestState | None:
+        """Forget a finished/aborted request; returns its state (None if unknown)."""
         state = self._states.pop(req_id, None)
         if state is not None and self.warm_start:
-            self.global_prior.observe(state.bandit)
+            self.global_prior.observe(state.stats.mean_rewards())
         return state
 
+    def free_missing(self, live_ids: set[str]) -> list[str]:
+        """Free every request not in ``live_ids`` (a safety net if a finish
+        notification was missed); returns the freed ids. O(live requests)."""
+        gone = [r for r in self._states if r not in live_ids]
+        for req_id in gone:
+            self.free(req_id)
+        return gone
+
     def reset_stats(self) -> None:
-        self.totals = ArmStats.zeros(self.policy.num_arms)
+        self.totals = DrafterStats.zeros(self.policy.num_arms)
 
     def snapshot(self) -> dict:
         return {

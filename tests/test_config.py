@@ -1,0 +1,174 @@
+"""metasd.json validation: every error names the field, the problem and a fix."""
+import copy
+import json
+import os
+
+import pytest
+
+from vllm_metasd.config import MetaSDConfigError, from_speculative_config, load_config
+from vllm_metasd.core import EXP3Policy, FixedArmPolicy, UCBPolicy
+
+VALID = {
+    "num_speculative_tokens": 4,
+    "drafters": [
+        {"name": "code", "kind": "draft_model", "path": "zoo/drafter-code"},
+        {"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+    ],
+    "policy": {"name": "ucb", "beta": 1.0},
+    "reward": "bd",
+    "seed": 0,
+    "warm_start": False,
+    "log_stats_interval_s": 10.0,
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """cwd with zoo/drafter-code existing, so VALID's relative path resolves."""
+    (tmp_path / "zoo" / "drafter-code").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def with_(**changes):
+    cfg = copy.deepcopy(VALID)
+    for dotted, value in changes.items():
+        *path, leaf = dotted.split("__")
+        node = cfg
+        for key in path:
+            node = node[int(key)] if key.isdigit() else node[key]
+        if value is DELETE:
+            del node[int(leaf) if leaf.isdigit() else leaf]
+        else:
+            node[int(leaf) if leaf.isdigit() else leaf] = value
+    return cfg
+
+
+DELETE = object()
+
+
+def error_of(source) -> str:
+    with pytest.raises(MetaSDConfigError) as e:
+        load_config(source)
+    msg = str(e.value)
+    assert "Traceback" not in msg and "pydantic" not in msg and "\n" not in msg
+    return msg
+
+
+def test_valid_dict_loads_with_defaults_and_makes_the_policy(workdir):
+    cfg = load_config({"num_speculative_tokens": 3,
+                       "drafters": [{"name": "a", "kind": "draft_model",
+                                     "path": "zoo/drafter-code"}]})
+    assert cfg.policy.name == "ucb" and cfg.reward == "bd" and cfg.seed == 0
+    assert cfg.drafters[0].path == str(workdir / "zoo" / "drafter-code")
+    assert isinstance(cfg.make_policy(), UCBPolicy) and cfg.make_policy().num_arms == 1
+
+
+def test_file_paths_resolve_against_the_config_directory(tmp_path, monkeypatch):
+    confdir = tmp_path / "conf"
+    (confdir / "zoo" / "drafter-code").mkdir(parents=True)
+    (confdir / "metasd.json").write_text(json.dumps(VALID))
+    monkeypatch.chdir(tmp_path)  # not the config's directory
+    for source in (str(confdir / "metasd.json"), confdir / "metasd.json"):
+        cfg = load_config(source)
+        assert cfg.drafters[0].path == str(confdir / "zoo" / "drafter-code")
+        assert cfg.drafters[1].prompt_lookup_max == 4
+
+
+def test_inline_json_and_policy_params(workdir):
+    cfg = load_config(json.dumps(with_(policy={"name": "exp3", "gamma": 0.2, "alpha": 0.001},
+                                       seed=3)))
+    policy = cfg.make_policy()
+    assert isinstance(policy, EXP3Policy)
+    assert (policy.gamma, policy.alpha, policy.seed, policy.num_arms) == (0.2, 0.001, 3, 2)
+    fixed = load_config(with_(policy={"name": "fixed", "arm": 1})).make_policy()
+    assert isinstance(fixed, FixedArmPolicy) and fixed.arm == 1
+
+
+def test_round_trip_through_json_dict(workdir):
+    cfg = load_config(VALID)
+    assert load_config(cfg.to_json_dict()) == cfg
+
+
+@pytest.mark.parametrize("source,field,problem", [
+    ("/nonexistent/metasd.json", "config", "not found"),
+    ('{"num_speculative_tokens": 4,\n "drafters": [,]}', "config", "line 2, column 15"),
+    ("[1, 2]", "config", "must be a JSON object"),
+])
+def test_unreadable_or_malformed_sources(workdir, source, field, problem):
+    if source.startswith("["):
+        (workdir / "list.json").write_text(source)
+        source = str(workdir / "list.json")
+    msg = error_of(source)
+    assert msg.startswith(field) and problem in msg
+
+
+def test_directory_and_malformed_file(workdir):
+    assert "cannot read" in error_of(str(workdir))
+    bad = workdir / "bad.json"
+    bad.write_text('{\n  "num_speculative_tokens": 4,\n}')
+    msg = error_of(bad)
+    assert "not valid JSON" in msg and "line 3, column 1" in msg and "bad.json" in msg
+
+
+@pytest.mark.parametrize("changes,field,problems", [
+    ({"foo": 1}, "foo", ["unknown key", "remove it"]),
+    ({"drafters__1__extra": 5}, "drafters[1].extra", ["unknown key"]),
+    ({"policy__betta": 1.0}, "policy.betta", ["no parameter 'betta'", "beta"]),
+    ({"drafters__0__path": DELETE}, "drafters[0].path", ["required field is missing"]),
+    ({"drafters__0__path": "zoo/nope"}, "drafters[0].path", ["does not exist", "zoo/nope"]),
+    ({"drafters__1__kind": "eagle"}, "drafters[1].kind", ["unknown drafter kind", "ngram"]),
+    ({"drafters__1__kind": DELETE}, "drafters[1].kind", ["missing 'kind'"]),
+    ({"policy__name": "thompson"}, "policy.name",
+     ["unknown policy 'thompson'", "ucb, exp3, discounted_ucb, sliding_window_ucb"]),
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens",
+     ["greater than or equal to 1", "got 0", "e.g. 4"]),
+    ({"num_speculative_tokens": "4"}, "num_speculative_tokens", ["valid integer", "'4'"]),
+    ({"num_speculative_tokens": DELETE}, "num_speculative_tokens", ["required field is missing"]),
+    ({"drafters": []}, "drafters", ["at least 1 item", "non-empty list"]),
+    ({"drafters__1__name": "code"}, "drafters", ["duplicate drafter names ['code']", "unique"]),
+    ({"drafters__1__name": "a.b"}, "drafters[1].name", ["'a.b'", "letters, digits"]),
+    ({"drafters__1__prompt_lookup_min": 5}, "drafters[1].prompt_lookup_min",
+     ["greater than prompt_lookup_max"]),
+    ({"drafters__0__kind": "ngram", "drafters__0__path": DELETE}, "drafters",
+     ["no drafter of kind 'draft_model'"]),
+    ({"reward": "accept"}, "reward", ["'bd' or 'acceptance'", "got 'accept'"]),
+    ({"seed": -1}, "seed", ["greater than or equal to 0"]),
+    ({"warm_start": "yes"}, "warm_start", ["valid boolean", "true or false"]),
+    ({"log_stats_interval_s": -1.0}, "log_stats_interval_s", ["greater than or equal to 0"]),
+    ({"policy": {"name": "ucb", "beta": -1}}, "policy.beta", ["must be > 0", "got -1"]),
+    ({"policy": {"name": "ucb", "beta": "1"}}, "policy.beta", ["must be a number"]),
+    ({"policy": {"name": "exp3", "gamma": 1.5}}, "policy.gamma", ["(0, 1]", "got 1.5"]),
+    ({"policy": {"name": "exp3", "eta": 0}}, "policy.eta", ["must be > 0"]),
+    ({"policy": {"name": "discounted_ucb", "gamma": 0}}, "policy.gamma", ["(0, 1]"]),
+    ({"policy": {"name": "sliding_window_ucb", "window": 0}}, "policy.window", [">= 1"]),
+    ({"policy": {"name": "sliding_window_ucb", "window": 2.5}}, "policy.window",
+     ["must be an integer"]),
+    ({"policy": {"name": "epsilon_greedy", "epsilon": 1.5}}, "policy.epsilon", ["[0, 1]"]),
+    ({"policy": {"name": "fixed", "arm": 2}}, "policy.arm", ["[0, 2)", "drafters list (0..1)"]),
+    ({"policy": {"name": "fixed", "beta": 1.0}}, "policy.beta", ["no parameter 'beta'", "arm"]),
+])
+def test_each_error_names_field_and_problem(workdir, changes, field, problems):
+    msg = error_of(with_(**changes))
+    assert msg.startswith(f"{field}:"), msg
+    for problem in problems:
+        assert problem in msg, msg
+
+
+def test_several_errors_reported_together(workdir):
+    msg = error_of(with_(num_speculative_tokens=0, reward="x", foo=1))
+    assert all(f in msg for f in ("num_speculative_tokens:", "reward:", "foo:"))
+
+
+def test_speculative_config_wrapper(workdir):
+    assert from_speculative_config({"method": "metasd", "config": VALID}).reward == "bd"
+    with pytest.raises(MetaSDConfigError, match="speculative_config.config: missing"):
+        from_speculative_config({"method": "metasd"})
+    with pytest.raises(MetaSDConfigError, match=r"unknown keys \['model'\]"):
+        from_speculative_config({"method": "metasd", "config": VALID, "model": "x"})
+
+
+def test_error_is_a_value_error(workdir):
+    assert issubclass(MetaSDConfigError, ValueError)
+    with pytest.raises(ValueError):
+        load_config(os.fspath(workdir / "missing.json"))

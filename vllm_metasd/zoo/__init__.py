@@ -1,0 +1,48 @@
+"""The bundled model zoo: a target LM and domain-specialist drafters.
+
+Built by ``python -m vllm_metasd.zoo.build`` and shipped in the package
+(``models/`` bf16 safetensors, ``prompts/`` held-out prompts per domain).
+Importing this module is cheap: no torch, no vLLM.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ZOO_DIR = Path(__file__).resolve().parent
+DOMAINS = ("code", "prose", "math", "data", "german")
+DRAFTERS = (*DOMAINS, "general", "random")
+
+
+def available() -> bool:
+    return (ZOO_DIR / "models" / "target" / "model.safetensors").exists() and all(
+        (ZOO_DIR / "models" / f"drafter-{d}" / "model.safetensors").exists() for d in DRAFTERS
+    )
+
+
+def target_path() -> str:
+    return str(ZOO_DIR / "models" / "target")
+
+
+def drafter_path(name: str) -> str:
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown zoo drafter {name!r}; valid: {', '.join(DRAFTERS)}")
+    return str(ZOO_DIR / "models" / f"drafter-{name}")
+
+
+def load_prompts(domain: str | None = None, split: str = "mixed") -> list[dict]:
+    """Held-out prompts ({"domain", "prompt"}) of one domain, or the mixed set."""
+    name = domain if domain is not None else split
+    path = ZOO_DIR / "prompts" / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def default_metasd_config() -> dict:
+    """The default MetaSD setup on the zoo: the five specialists, the general
+    drafter and prompt lookup, UCB with the BD reward."""
+    drafters = [{"name": d, "kind": "draft_model", "path": drafter_path(d)}
+                for d in (*DOMAINS, "general")]
+    drafters.append({"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2,
+                     "prompt_lookup_max": 4})
+    return {"num_speculative_tokens": 4, "drafters": drafters,
+            "policy": {"name": "ucb", "beta": 1.0}, "reward": "bd"}
