@@ -1,5 +1,11 @@
 """Patch: run the MetaSD proposer inside vLLM V1's model runner.
 
+Runner choice: ``VllmConfig.use_v2_model_runner`` is forced to False for a
+MetaSD engine. On CUDA, vLLM 0.32 may pick the V2 model runner, which has none
+of the V1 hooks below; MetaSD runs on the V1 runner there too. An explicit
+``VLLM_USE_V2_MODEL_RUNNER=1`` is refused with a clear error instead of being
+silently ignored. (On CPU vLLM always uses V1: no Triton.)
+
 Three thin wrappers on ``GPUModelRunner`` (which ``CPUModelRunner`` inherits):
 
 - ``__init__``: when the speculative config carries a MetaSD config, replace
@@ -14,6 +20,8 @@ Three thin wrappers on ``GPUModelRunner`` (which ``CPUModelRunner`` inherits):
 """
 from __future__ import annotations
 
+from vllm import envs
+from vllm.config import VllmConfig
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_metasd import feedback
@@ -37,6 +45,19 @@ def _init(original):
             self.drafter = MetaSDProposer(vllm_config, device, self)
 
     return __init__
+
+
+def _use_v2_model_runner(original):
+    def use_v2_model_runner(self) -> bool:
+        if not getattr(self.speculative_config, "metasd", None):
+            return original(self)
+        if envs.VLLM_USE_V2_MODEL_RUNNER:
+            raise ValueError(
+                "MetaSD runs inside vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
+                "asks for V2; unset it (or set it to 0) to use speculative method 'metasd'")
+        return False
+
+    return use_v2_model_runner
 
 
 def _update_states(original):
@@ -64,6 +85,7 @@ def _sample(original):
 
 
 def apply() -> None:
+    wrap(VllmConfig, "use_v2_model_runner", _use_v2_model_runner)
     wrap(GPUModelRunner, "__init__", _init)
     wrap(GPUModelRunner, "_update_states", _update_states)
     wrap(GPUModelRunner, "_sample", _sample)

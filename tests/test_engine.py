@@ -29,8 +29,13 @@ def test_greedy_equals_plain_decoding_for_every_policy(metasd4_llm, reference, p
     metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"policy": policy})
     metasd4_llm.collective_rpc("metasd_reset_stats")
     assert greedy(metasd4_llm) == reference
-    chosen = {k: v["chosen"] for k, v in stats(metasd4_llm)["drafters"].items()}
+    drafters = stats(metasd4_llm)["drafters"]
+    chosen = {k: v["chosen"] for k, v in drafters.items()}
     assert sum(chosen.values()) > 0
+    # Every choice is rewarded (an empty n-gram draft earns 0 at once), except
+    # each request's last choice, whose draft is never verified.
+    unrewarded = sum(v["chosen"] - v["reward_count"] for v in drafters.values())
+    assert 0 <= unrewarded <= len(PROMPTS)
     if policy["name"] == "fixed":
         assert set(k for k, v in chosen.items() if v) == {"bad1"}
 

@@ -29,3 +29,19 @@ def test_patches_apply_once_and_are_idempotent():
     assert apply_all() == first
     assert rs.rejection_sample is fn and original(fn) is not fn
     assert original(GPUModelRunner._sample) is not GPUModelRunner._sample
+
+
+def test_metasd_engines_run_on_the_v1_model_runner(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm.config import VllmConfig
+
+    from vllm_metasd.patches import apply_all
+
+    apply_all()
+    metasd = SimpleNamespace(speculative_config=SimpleNamespace(metasd={"drafters": []}))
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    assert VllmConfig.use_v2_model_runner.fget(metasd) is False
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=1"):
+        VllmConfig.use_v2_model_runner.fget(metasd)

@@ -51,7 +51,7 @@ def default_setup(workdir: Path) -> tuple[str, dict, list[str]]:
 def run(target: str, prompts: list[str], max_tokens: int, speculative_config=None):
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=target, enforce_eager=True, max_model_len=1024, max_num_seqs=16,
+    llm = LLM(model=target, enforce_eager=True, max_model_len=512, max_num_seqs=16,
               seed=0, speculative_config=speculative_config)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()

@@ -247,9 +247,13 @@ class MetaSDProposer(DraftModelProposer):
                     probs[torch.as_tensor(rows)] = q.float()
 
         t0 = time.perf_counter()
-        for row, req_id in enumerate(req_ids):
-            if arms[row] >= 0:
-                self.store.get(req_id).last_arm = int(arms[row])
+        for row in np.flatnonzero((arms >= 0) & np.array([not d for d in drafts])):
+            # The arm proposed nothing (prompt lookup found no match): the step
+            # yields one token, the worst outcome, so it earns 0 now. Without
+            # this it would never be rewarded and UCB would keep choosing it.
+            state = self.store.get(req_ids[row])
+            self.store.record(state, int(arms[row]), 0, 0, 0.0)
+            state.last_arm = None  # nothing awaits verification
         self.steps += 1
         self._maybe_log()
         self.overhead_s += time.perf_counter() - t0

@@ -20,6 +20,7 @@ from vllm_metasd.zoo import DOMAINS, ZOO_DIR
 
 PROMPTS_PER_DOMAIN = 64
 PROMPT_TOKENS = 32
+MIN_PROMPT_TOKENS = 12
 
 
 def log_to(path: Path):
@@ -38,9 +39,12 @@ def write_prompts(corpus: dict, tokenizer, out: Path, seed: int) -> None:
         rows = []
         for doc in corpus[domain]["heldout"]:
             ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-            if len(ids) < PROMPT_TOKENS + 16:
+            # Short documents (a math problem, a JSON record) are cut halfway,
+            # so the continuation is still in-domain text the target knows.
+            cut = min(PROMPT_TOKENS, len(ids) // 2)
+            if cut < MIN_PROMPT_TOKENS:
                 continue
-            rows.append({"domain": domain, "prompt": tokenizer.decode(ids[:PROMPT_TOKENS])})
+            rows.append({"domain": domain, "prompt": tokenizer.decode(ids[:cut])})
             if len(rows) == PROMPTS_PER_DOMAIN:
                 break
         assert len(rows) == PROMPTS_PER_DOMAIN, (domain, len(rows))
@@ -55,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ZOO_DIR)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vllm_metasd_zoo")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target-steps", type=int, default=1500)
+    ap.add_argument("--target-steps", type=int, default=600)
     ap.add_argument("--target-batch", type=int, default=24)
-    ap.add_argument("--drafter-steps", type=int, default=300)
+    ap.add_argument("--drafter-steps", type=int, default=150)
     ap.add_argument("--drafter-batch", type=int, default=16)
     ap.add_argument("--distil-prompts", type=int, default=384)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (tok_dir / "tokenizer.json").exists():
         train.train_tokenizer(corpus, tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    # Prompts first: they only need the tokenizer, and a problem shows at once.
+    write_prompts(corpus, tokenizer, args.out / "prompts", args.seed)
 
     streams_path = work / "streams.npz"
     if not streams_path.exists():
@@ -116,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
         train._save_hf(train.new_model(train.DRAFTER_SHAPE, tokenizer, args.seed + 99),
                        tok_dir, random_dir)
 
-    write_prompts(corpus, tokenizer, args.out / "prompts", args.seed)
     log(json.dumps({"stage": "done", "out": str(args.out)}))
 
 
