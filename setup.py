@@ -42,5 +42,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["metasd = vllm_metasd.plugin:register"],
+        # Runs before vLLM's CLI parses arguments (see patches/cli.py); it
+        # activates no platform.
+        "vllm.platform_plugins": ["metasd_cli = vllm_metasd.plugin:register_cli"],
     },
 )

@@ -45,3 +45,26 @@ def test_metasd_engines_run_on_the_v1_model_runner(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=1"):
         VllmConfig.use_v2_model_runner.fget(metasd)
+
+
+def test_speculative_config_cli_accepts_a_metasd_json_path(tmp_path):
+    import json
+
+    from vllm_metasd.patches.cli import rewrite_argv
+
+    metasd = tmp_path / "metasd.json"
+    metasd.write_text('{"num_speculative_tokens": 3, "drafters": []}')
+    builtin = tmp_path / "ngram.json"
+    builtin.write_text('{"method": "ngram", "num_speculative_tokens": 3}')
+    inline = '{"method": "metasd", "config": "metasd.json"}'
+    argv = ["vllm", "serve", "m", "--speculative-config", str(metasd), "--port", "1",
+            f"-sc={builtin}", "--speculative-config", inline]
+    out = rewrite_argv(argv)
+    assert json.loads(out[4]) == {"method": "metasd", "config": str(metasd)}
+    assert out[5:7] == ["--port", "1"]
+    assert json.loads(out[7].removeprefix("-sc=")) == {"method": "ngram",
+                                                       "num_speculative_tokens": 3}
+    assert out[9] == inline
+    assert rewrite_argv(out) == out  # idempotent
+    missing = rewrite_argv(["--speculative-config", "nope/metasd.json"])[1]
+    assert json.loads(missing)["config"].endswith("nope/metasd.json")

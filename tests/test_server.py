@@ -37,7 +37,7 @@ def server(tiny_zoo, tmp_path_factory):
     port = _free_port()
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
-        _serve_cmd(tiny_zoo["target"], json.dumps({"method": "metasd", "config": str(cfg)}),
+        _serve_cmd(tiny_zoo["target"], str(cfg),  # a bare metasd.json path
                    "--host", "127.0.0.1", "--port", str(port), "--chat-template", str(template)),
         stdout=log, stderr=subprocess.STDOUT)
     import openai
@@ -105,9 +105,10 @@ def test_chat_completions_streaming_and_not(server):
      "drafters[0].path: '/nonexistent/drafter' does not exist"),
     ({"config": "{not json"}, "is not valid JSON"),
     ({"config": {"num_speculative_tokens": 3, "drafterz": []}}, "drafterz: unknown key"),
+    ("missing/metasd.json", "metasd.json' not found"),  # a bare path
 ])
 def test_bad_config_exits_early_with_a_clear_message(tiny_zoo, case, expected):
-    spec = json.dumps({"method": "metasd", **case})
+    spec = case if isinstance(case, str) else json.dumps({"method": "metasd", **case})
     t0 = time.monotonic()
     proc = subprocess.run(_serve_cmd(tiny_zoo["target"], spec, "--port", str(_free_port())),
                           capture_output=True, text=True, timeout=120,

@@ -11,3 +11,12 @@ def register() -> None:
     from vllm_metasd.patches import apply_all
 
     apply_all()
+
+
+def register_cli() -> None:
+    """The ``vllm.platform_plugins`` entry point: activates no platform (returns
+    None). vLLM calls it before its CLI parses arguments, the one moment
+    ``--speculative-config metasd.json`` (a path) can still be accepted."""
+    from vllm_metasd.patches import cli
+
+    cli.apply()
