@@ -7,6 +7,7 @@ without enabling insecure callable serialization:
 - ``metasd_stats()``: per-drafter and per-request statistics (dict) of this
   worker's MetaSD proposer, or None when MetaSD is not active;
 - ``metasd_reset_stats()``: zero the aggregate counters (benchmarks);
+- ``metasd_choices()``: the recent (request id, drafter) choices, oldest first;
 - ``metasd_reconfigure(policy=None, reward=None)``: switch the bandit policy
   (a metasd.json ``policy`` object) or reward kind without restarting.
 """
@@ -33,6 +34,11 @@ def metasd_reset_stats(self):
         drafter.reset_stats()
 
 
+def metasd_choices(self):
+    drafter = _drafter(self)
+    return None if drafter is None else drafter.choices()
+
+
 def metasd_reconfigure(self, policy=None, reward=None):
     drafter = _drafter(self)
     if drafter is None:
@@ -44,4 +50,5 @@ def apply() -> None:
     if not hasattr(WorkerBase, "metasd_stats"):
         WorkerBase.metasd_stats = metasd_stats
         WorkerBase.metasd_reset_stats = metasd_reset_stats
+        WorkerBase.metasd_choices = metasd_choices
         WorkerBase.metasd_reconfigure = metasd_reconfigure

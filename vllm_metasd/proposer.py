@@ -19,6 +19,7 @@ missed are its switching cost, paid the next time it is chosen.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
@@ -39,6 +40,9 @@ from vllm_metasd.feedback import Verification
 from vllm_metasd.patches.speculative_config import drafter_speculative_config
 
 logger = logging.getLogger("vllm.metasd")
+
+# Recent (request id, arm) choices, for learning curves in benchmarks; bounded.
+CHOICE_LOG_LEN = 1 << 16
 
 
 class DraftLMArm(DraftModelProposer):
@@ -123,6 +127,7 @@ class MetaSDProposer(DraftModelProposer):
         self._last_log = time.monotonic()
         self.overhead_s = 0.0  # selection + reward bookkeeping, for benchmarks
         self.steps = 0
+        self.choice_log: collections.deque = collections.deque(maxlen=CHOICE_LOG_LEN)
         logger.info(
             "MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s",
             len(self.arms), self.arm_names, self.k, self.config.policy.name,
@@ -214,6 +219,7 @@ class MetaSDProposer(DraftModelProposer):
             if valid[row] > 0:
                 state = self.store.get_or_create(req_id)
                 arms[row] = self.store.choose(state)
+                self.choice_log.append((req_id, int(arms[row])))
         self.overhead_s += time.perf_counter() - t0
 
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
@@ -331,6 +337,11 @@ class MetaSDProposer(DraftModelProposer):
     def reset_stats(self) -> None:
         self.store.reset_stats()
         self.overhead_s, self.steps = 0.0, 0
+        self.choice_log.clear()
+
+    def choices(self) -> list[tuple[str, str]]:
+        """The recent (request id, drafter name) choices, oldest first."""
+        return [(req_id, self.arm_names[arm]) for req_id, arm in self.choice_log]
 
     def stats(self) -> dict[str, Any]:
         snap = self.store.snapshot()
