@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import time
 from typing import Iterator
 
 import torch
@@ -27,6 +28,7 @@ class Verification:
     rewards: torch.Tensor | None = None  # [B] float, NaN where nothing was drafted
     num_drafted: torch.Tensor | None = None  # [B] int
     num_accepted: torch.Tensor | None = None  # [B] int
+    seconds: float = 0.0  # spent computing the above (MetaSD's reward overhead)
 
 
 @contextlib.contextmanager
@@ -80,8 +82,10 @@ def observe_drafts(
     record: Verification | None = getattr(_local, "current", None)
     if record is None:
         return
+    t0 = time.perf_counter()
     record.num_drafted = torch.tensor(num_draft_tokens, dtype=torch.int64)
     if record.reward_kind != "bd":
+        record.seconds += time.perf_counter() - t0
         return
     is_greedy_token = None
     if is_greedy_row is not None:
@@ -90,6 +94,7 @@ def observe_drafts(
         )
     align = token_alignment(draft_token_ids, draft_probs, target_logits, is_greedy_token)
     record.rewards = segment_mean(align, cu_num_draft_tokens).cpu()
+    record.seconds += time.perf_counter() - t0
 
 
 def observe_output(output_token_ids: torch.Tensor) -> None:
@@ -97,8 +102,10 @@ def observe_output(output_token_ids: torch.Tensor) -> None:
     record: Verification | None = getattr(_local, "current", None)
     if record is None or record.num_drafted is None:
         return
+    t0 = time.perf_counter()
     # Emitted tokens minus the one bonus/recovered token.
     accepted = ((output_token_ids != -1).sum(dim=1) - 1).clamp_(min=0).cpu()
     record.num_accepted = torch.minimum(accepted, record.num_drafted)
     if record.reward_kind == "acceptance":
         record.rewards = acceptance_reward(record.num_accepted, record.num_drafted)
+    record.seconds += time.perf_counter() - t0

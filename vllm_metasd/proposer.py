@@ -125,7 +125,7 @@ class MetaSDProposer(DraftModelProposer):
         self._sampled: torch.Tensor | None = None
         self._discard: torch.Tensor | None = None
         self._last_log = time.monotonic()
-        self.overhead_s = 0.0  # selection + reward bookkeeping, for benchmarks
+        self.overhead_s = 0.0  # selection + reward computation + bookkeeping, for benchmarks
         self.steps = 0
         self.choice_log: collections.deque = collections.deque(maxlen=CHOICE_LOG_LEN)
         logger.info(
@@ -194,7 +194,7 @@ class MetaSDProposer(DraftModelProposer):
             if state is None or state.last_arm is None or n == 0:
                 continue
             self.store.record(state, state.last_arm, n, a, r)
-        self.overhead_s += time.perf_counter() - t0
+        self.overhead_s += time.perf_counter() - t0 + verification.seconds
 
     # ---- drafting ----------------------------------------------------------------
 
