@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import hashlib
 import logging
 import time
 from typing import Any
@@ -128,6 +129,7 @@ class MetaSDProposer(DraftModelProposer):
         self.overhead_s = 0.0  # selection + reward computation + bookkeeping, for benchmarks
         self.steps = 0
         self.choice_log: collections.deque = collections.deque(maxlen=CHOICE_LOG_LEN)
+        self._reset_choice_digest()
         logger.info(
             "MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s",
             len(self.arms), self.arm_names, self.k, self.config.policy.name,
@@ -220,6 +222,10 @@ class MetaSDProposer(DraftModelProposer):
                 state = self.store.get_or_create(req_id)
                 arms[row] = self.store.choose(state)
                 self.choice_log.append((req_id, int(arms[row])))
+                # Order-sensitive digest of every (step, request, arm): tensor-
+                # parallel ranks must make identical choices (tests compare it).
+                self._choice_hash.update(f"{self.steps}:{req_id}:{arms[row]};".encode())
+                self._num_choices += 1
         self.overhead_s += time.perf_counter() - t0
 
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
@@ -338,6 +344,11 @@ class MetaSDProposer(DraftModelProposer):
         self.store.reset_stats()
         self.overhead_s, self.steps = 0.0, 0
         self.choice_log.clear()
+        self._reset_choice_digest()
+
+    def _reset_choice_digest(self) -> None:
+        self._choice_hash = hashlib.blake2b(digest_size=8)
+        self._num_choices = 0
 
     def choices(self) -> list[tuple[str, str]]:
         """The recent (request id, drafter name) choices, oldest first."""
@@ -348,6 +359,9 @@ class MetaSDProposer(DraftModelProposer):
         snap["arms"] = self.arm_names
         snap["steps"] = self.steps
         snap["overhead_s"] = self.overhead_s
+        # Equal on every TP rank iff the ranks chose the same arms in the same order.
+        snap["arm_choices"] = {"count": self._num_choices,
+                               "digest": self._choice_hash.hexdigest()}
         return snap
 
     def _maybe_log(self) -> None:
