@@ -370,7 +370,17 @@ class MetaSDProposer(DraftModelProposer):
         if interval <= 0 or now - self._last_log < interval:
             return
         self._last_log = now
-        logger.info("MetaSD stats: %s", self.store.snapshot())
+        logger.info("MetaSD stats: %s", format_stats_line(self.store.snapshot()))
+
+
+def format_stats_line(snap: dict[str, Any]) -> str:
+    """One line per period: each drafter's share of choices and its acceptance
+    rate (cumulative, like the /metrics counters), and the live requests."""
+    drafters = snap["drafters"]
+    total = sum(d["chosen"] for d in drafters.values()) or 1
+    parts = [f"{name} share {d['chosen'] / total:.0%} acceptance {d['acceptance_rate']:.2f} "
+             f"({d['accepted']}/{d['drafted']})" for name, d in drafters.items()]
+    return f"{'; '.join(parts)}; live requests {snap['live_requests']}"
 
 
 def _select_rows(sampling_metadata, rows: torch.Tensor):
