@@ -55,3 +55,35 @@ def test_free_forgets_the_request():
     t.free("r")
     t.free("r")  # idempotent (finish after abort)
     assert len(t) == 0 and t.computed("r", 0) == 0
+
+
+def test_plan_catch_up_respects_the_budget_and_covers_every_row():
+    from vllm_metasd.core import plan_catch_up
+
+    starts = np.array([0, 10, 0, 5, 0])
+    ends = np.array([30, 12, 100, 9, 8])  # needs 30, 2, 100, 4, 8
+    passes = plan_catch_up(starts, ends, budget=40)
+    covered = sorted(int(r) for rows, _ in passes for r in rows)
+    assert covered == [0, 1, 2, 3, 4]
+    for rows, pass_ends in passes:
+        assert int((pass_ends - starts[rows]).sum()) <= 40
+    # The oversized row advances by exactly the budget; the others finish.
+    got = {int(r): int(e) for rows, pass_ends in passes for r, e in zip(rows, pass_ends)}
+    assert got == {0: 30, 1: 12, 2: 40, 3: 9, 4: 8}
+    with pytest.raises(ValueError, match="budget"):
+        plan_catch_up(starts, ends, budget=1)
+
+
+@given(st.lists(st.tuples(st.integers(0, 500), st.integers(1, 500)), min_size=1, max_size=40),
+       st.integers(2, 600))
+def test_plan_catch_up_properties(rows, budget):
+    from vllm_metasd.core import plan_catch_up
+
+    starts = np.array([s for s, _ in rows])
+    ends = starts + np.array([n for _, n in rows])
+    passes = plan_catch_up(starts, ends, budget)
+    seen = [int(r) for rows_, _ in passes for r in rows_]
+    assert sorted(seen) == list(range(len(rows)))  # every row exactly once
+    for rows_, pass_ends in passes:
+        assert int((pass_ends - starts[rows_]).sum()) <= budget
+        assert (pass_ends > starts[rows_]).all() and (pass_ends <= ends[rows_]).all()

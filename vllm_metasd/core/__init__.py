@@ -2,7 +2,7 @@
 
 Pure torch/numpy/Python; no vLLM import, so it is testable in milliseconds.
 """
-from vllm_metasd.core.grouping import CatchUpTracker, group_rows_by_arm
+from vllm_metasd.core.grouping import CatchUpTracker, group_rows_by_arm, plan_catch_up
 from vllm_metasd.core.policies import (
     POLICIES, ArmPrior, BanditState, DiscountedUCBPolicy, EpsilonGreedyPolicy,
     EXP3Policy, FixedArmPolicy, GlobalPrior, Policy, SlidingWindowUCBPolicy,
@@ -20,5 +20,5 @@ __all__ = [
     "GlobalPrior", "ParamError", "Policy", "RequestState", "RequestStateStore",
     "SlidingWindowUCBPolicy", "UCBPolicy", "acceptance_reward", "bd_reward",
     "bd_reward_greedy", "bd_reward_onehot_target", "group_rows_by_arm",
-    "make_policy", "policy_params", "row_ids", "segment_mean",
+    "make_policy", "plan_catch_up", "policy_params", "row_ids", "segment_mean",
 ]

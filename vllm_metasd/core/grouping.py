@@ -24,6 +24,33 @@ def group_rows_by_arm(arms: Sequence[int] | np.ndarray, num_arms: int) -> list[n
     return [order[bounds[a]:bounds[a + 1]] for a in range(num_arms)]
 
 
+def plan_catch_up(starts: np.ndarray, ends: np.ndarray, budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split one arm's rows into forward passes of at most ``budget`` tokens.
+
+    Row i must process tokens [starts[i], ends[i]) before drafting. Returns
+    (row indices, end per row) per pass. A row whose catch-up alone exceeds
+    the budget gets a pass of its own that stops ``budget`` tokens later: that
+    pass only fills KV (its draft is discarded) and the row catches up over
+    several steps, never drafting from unfilled KV.
+    """
+    if budget < 2:
+        raise ValueError(f"catch-up budget must be >= 2 tokens, got {budget}")
+    need = ends - starts
+    passes, rows, used = [], [], 0
+    for i in np.argsort(need, kind="stable"):
+        if need[i] > budget:
+            passes.append((np.array([i]), np.array([starts[i] + budget])))
+            continue
+        if used + need[i] > budget:
+            passes.append((np.array(rows), ends[rows]))
+            rows, used = [], 0
+        rows.append(i)
+        used += need[i]
+    if rows:
+        passes.append((np.array(rows), ends[rows]))
+    return passes
+
+
 class CatchUpTracker:
     """Per (request, arm): number of leading tokens whose KV the drafter holds.
     A dict of small per-request dicts (arm -> count): O(1) per operation, and

@@ -1,0 +1,282 @@
+"""Offline replay: record every drafter's per-step outcome once, then replay any
+bandit policy over the trace in seconds (tune beta, windows, learning rates
+without rerunning vLLM).
+
+    python benchmarks/replay.py record --out benchmarks/results/trace.npz
+    python benchmarks/replay.py tune --trace benchmarks/results/trace.npz \
+        --out benchmarks/results/replay.json
+
+``record``: the target's greedy continuation ``y`` of each held-out prompt
+(through vLLM, no speculation), then, for every drafter and every output
+position ``t``, what drafting there would give at temperature 0:
+
+- draft LMs, by teacher forcing (one Hugging Face forward per prompt): while a
+  greedy draft matches ``y`` the drafter's inputs *are* ``y``, so the accepted
+  length is exact; the BD reward (share of the k drafted positions that agree
+  with the target) is exact up to the first mismatch and teacher-forced after it;
+- prompt lookup (n-gram), in numpy: the continuation of the most recent earlier
+  occurrence of the longest matching suffix (``prompt_lookup_max`` down to
+  ``min``), as vLLM's proposer does; an empty draft earns 0.
+
+``replay``: the decode as MetaSD runs it: position 1 (prefill emitted token 0),
+each step the request's bandit picks an arm, the step emits accepted + 1 tokens,
+the bandit is updated with the arm's reward. The oracle is the best single
+drafter per prompt in hindsight (fewest steps); regret counts the extra steps.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+HERE = Path(__file__).resolve().parent
+K = 4
+
+
+# ---- trace --------------------------------------------------------------------
+
+def _leading_run(match: np.ndarray) -> int:
+    miss = np.flatnonzero(~match)
+    return int(miss[0]) if len(miss) else len(match)
+
+
+def lm_outcomes(match: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output position t: (accepted length, BD reward) of a greedy k-token
+    draft, from ``match[t]`` = the drafter's teacher-forced argmax equals y[t]."""
+    L = len(match)
+    acc = np.zeros(L, dtype=np.int8)
+    bd = np.zeros(L, dtype=np.float32)
+    for t in range(L):
+        window = match[t:t + k]
+        acc[t] = _leading_run(window)
+        bd[t] = window.mean()
+    return acc, bd
+
+
+def ngram_draft(history: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarray:
+    for n in range(min(max_n, len(history) - 1), min_n - 1, -1):
+        suffix = history[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(hits):
+            start = hits[-1] + n
+            return history[start:start + k]
+    return history[:0]
+
+
+def ngram_outcomes(prompt: np.ndarray, y: np.ndarray, k: int, min_n: int, max_n: int):
+    seq = np.concatenate([prompt, y])
+    L = len(y)
+    acc = np.zeros(L, dtype=np.int8)
+    bd = np.zeros(L, dtype=np.float32)
+    drafted = np.zeros(L, dtype=np.int8)
+    for t in range(L):
+        d = ngram_draft(seq[:len(prompt) + t], k, min_n, max_n)
+        truth = y[t:t + len(d)]
+        d = d[:len(truth)]
+        if len(d):
+            match = d == truth
+            acc[t], bd[t], drafted[t] = _leading_run(match), match.mean(), len(d)
+    return acc, bd, drafted
+
+
+def record(args) -> None:
+    import gc
+
+    import torch
+    from transformers import LlamaForCausalLM
+    from vllm import LLM, SamplingParams
+
+    from vllm_metasd import zoo
+
+    rows = [p for d in zoo.DOMAINS for p in zoo.load_prompts(d)[: args.prompts_per_domain]]
+    llm = LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024, seed=0)
+    outs = llm.generate([r["prompt"] for r in rows],
+                        SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+                                       ignore_eos=True), use_tqdm=False)
+    prompts = [np.array(o.prompt_token_ids) for o in outs]
+    ys = [np.array(o.outputs[0].token_ids) for o in outs]
+    del llm
+    gc.collect()
+
+    arms = [d for d in zoo.DRAFTERS if d != "random"] + ["lookup"]
+    lens = [len(y) for y in ys]
+    total = sum(lens)
+    acc = np.zeros((len(arms), total), dtype=np.int8)
+    bd = np.zeros((len(arms), total), dtype=np.float32)
+    drafted = np.full((len(arms), total), K, dtype=np.int8)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    for a, name in enumerate(arms[:-1]):
+        model = LlamaForCausalLM.from_pretrained(zoo.drafter_path(name), dtype=torch.bfloat16)
+        with torch.no_grad():
+            for i, (p, y) in enumerate(zip(prompts, ys)):
+                seq = torch.from_numpy(np.concatenate([p, y])).long()[None]
+                pred = model(seq).logits[0].argmax(-1).numpy()
+                match = pred[len(p) - 1:len(p) - 1 + len(y)] == y  # predicts y[t]
+                sl = slice(offsets[i], offsets[i + 1])
+                acc[a, sl], bd[a, sl] = lm_outcomes(match, K)
+                # The last positions cannot draft k tokens inside max_tokens.
+                drafted[a, sl] = np.minimum(K, len(y) - np.arange(len(y)))
+        print(f"recorded {name}", flush=True)
+    for i, (p, y) in enumerate(zip(prompts, ys)):
+        sl = slice(offsets[i], offsets[i + 1])
+        acc[-1, sl], bd[-1, sl], drafted[-1, sl] = ngram_outcomes(p, y, K, 2, 4)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out, acc=acc, bd=bd, drafted=drafted, offsets=offsets,
+                        arms=np.array(arms), domains=np.array([r["domain"] for r in rows]))
+    print(f"wrote {args.out}: {len(rows)} prompts x {len(arms)} arms")
+
+
+def load_trace(path) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+# ---- replay -------------------------------------------------------------------
+
+def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
+           keep_choices: bool = False) -> dict:
+    """Run ``policy`` (a metasd.json policy object) over every prompt of the trace,
+    one fresh bandit per prompt, as MetaSD does per request."""
+    from vllm_metasd.core.policies import make_policy
+
+    acc, bd, drafted, offsets = trace["acc"], trace["bd"], trace["drafted"], trace["offsets"]
+    params = {k: v for k, v in policy.items() if k != "name"}
+    pol = make_policy(policy["name"], acc.shape[0], seed=seed, **params)
+    steps, accepted, choices = [], [], []
+    for i in range(len(offsets) - 1):
+        base, L = offsets[i], offsets[i + 1] - offsets[i]
+        state = pol.new_state(state_seed=i)
+        t, n, a_sum, picks = 1, 0, 0, []
+        while t < L:
+            arm = pol.select(state)
+            a = int(acc[arm, base + t])
+            if reward == "bd":
+                r = float(bd[arm, base + t])
+            else:
+                r = a / max(int(drafted[arm, base + t]), 1)
+            pol.update(state, arm, r)
+            picks.append(arm)
+            t, n, a_sum = t + a + 1, n + 1, a_sum + a
+        steps.append(n)
+        accepted.append(a_sum)
+        choices.append(picks)
+    out = {"steps": np.array(steps), "accepted": np.array(accepted)}
+    if keep_choices:
+        out["choices"] = choices
+    return out
+
+
+def fixed_arm_steps(trace: dict) -> np.ndarray:
+    """[arms, prompts] steps when one drafter drafts every step."""
+    n_arms = trace["acc"].shape[0]
+    return np.stack([replay(trace, {"name": "fixed", "arm": a})["steps"]
+                     for a in range(n_arms)])
+
+
+def summarize(trace: dict, result: dict, fixed: np.ndarray) -> dict:
+    oracle = fixed.min(axis=0)
+    tokens = np.diff(trace["offsets"]) - 1  # tokens emitted by spec-decode steps
+    mal = lambda steps: float((tokens - steps).sum() / steps.sum())  # noqa: E731
+    best_single = int(np.argmin(fixed.sum(axis=1)))
+    return {
+        "mean_accepted_len": mal(result["steps"]),
+        "oracle_mean_accepted_len": mal(oracle),
+        "best_single": str(trace["arms"][best_single]),
+        "best_single_mean_accepted_len": mal(fixed[best_single]),
+        "regret_steps": int((result["steps"] - oracle).sum()),
+        "regret_share": float((result["steps"] - oracle).sum() / oracle.sum()),
+    }
+
+
+GRID = {
+    "ucb": [{"beta": b} for b in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)],
+    "exp3": [{"gamma": g} for g in (0.05, 0.1, 0.2, 0.3, 0.5)],
+    "discounted_ucb": [{"beta": b, "gamma": g} for b, g in
+                       itertools.product((0.1, 0.3, 1.0), (0.9, 0.95, 0.99))],
+    "sliding_window_ucb": [{"beta": b, "window": w} for b, w in
+                           itertools.product((0.1, 0.3, 1.0), (8, 16, 32, 64))],
+    "epsilon_greedy": [{"epsilon": e} for e in (0.02, 0.05, 0.1, 0.2)],
+}
+RANDOMISED = {"exp3", "epsilon_greedy"}
+
+
+def tune(args) -> None:
+    trace = load_trace(args.trace)
+    fixed = fixed_arm_steps(trace)
+    rows = []
+    for name, grid in GRID.items():
+        for params, reward in itertools.product(grid, ("bd", "acceptance")):
+            seeds = range(args.seeds) if name in RANDOMISED else range(1)
+            runs = [summarize(trace, replay(trace, {"name": name, **params}, reward, s), fixed)
+                    for s in seeds]
+            row = {"policy": {"name": name, **params}, "reward": reward,
+                   **{k: (float(np.mean([r[k] for r in runs])) if k != "best_single"
+                          else runs[0][k]) for k in runs[0]}}
+            rows.append(row)
+    best = {}
+    for name in GRID:
+        for reward in ("bd", "acceptance"):
+            cands = [r for r in rows if r["policy"]["name"] == name and r["reward"] == reward]
+            best[f"{name}/{reward}"] = min(cands, key=lambda r: r["regret_steps"])
+    result = {"trace": str(args.trace), "prompts": int(len(trace["offsets"]) - 1),
+              "arms": [str(a) for a in trace["arms"]], "best": best, "all": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"{'policy/reward':32s} {'params':34s} {'MAL':>6s} {'/oracle':>8s} {'/best':>6s}")
+    for key, r in best.items():
+        params = {k: v for k, v in r["policy"].items() if k != "name"}
+        print(f"{key:32s} {json.dumps(params):34s} {r['mean_accepted_len']:6.3f} "
+              f"{r['mean_accepted_len'] / r['oracle_mean_accepted_len']:8.3f} "
+              f"{r['mean_accepted_len'] / r['best_single_mean_accepted_len']:6.3f}")
+    if args.plot:
+        plot_regret(trace, best, fixed, args.plot)
+
+
+def plot_regret(trace: dict, best: dict, fixed: np.ndarray, path: Path) -> None:
+    """Cumulative regret (extra steps vs the per-prompt oracle) over the prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    oracle = fixed.min(axis=0)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, r in best.items():
+        if not key.endswith("/bd"):
+            continue
+        steps = replay(trace, r["policy"], "bd")["steps"]
+        ax.plot(np.cumsum(steps - oracle), label=f"{key} {json.dumps(r['policy'])}")
+    b = int(np.argmin(fixed.sum(axis=1)))
+    ax.plot(np.cumsum(fixed[b] - oracle), "k--", label=f"best single ({trace['arms'][b]})")
+    ax.set_xlabel("prompt (mixed workload order)")
+    ax.set_ylabel("cumulative extra steps vs oracle")
+    ax.set_title("Regret vs the per-prompt oracle (offline replay)")
+    ax.legend(fontsize=6)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record", help="record a trace through vLLM + HF (needs the zoo)")
+    rec.add_argument("--out", type=Path, default=HERE / "results" / "trace.npz")
+    rec.add_argument("--prompts-per-domain", type=int, default=16)
+    rec.add_argument("--max-tokens", type=int, default=128)
+    tun = sub.add_parser("tune", help="replay every policy/parameter over a trace")
+    tun.add_argument("--trace", type=Path, default=HERE / "results" / "trace.npz")
+    tun.add_argument("--out", type=Path, default=HERE / "results" / "replay.json")
+    tun.add_argument("--plot", type=Path, default=HERE / "results" / "regret.png")
+    tun.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args(argv)
+    record(args) if args.cmd == "record" else tune(args)
+
+
+if __name__ == "__main__":
+    main()
