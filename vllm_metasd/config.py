@@ -172,6 +172,13 @@ _HINTS = {
 }
 
 
+def _key(key) -> str:
+    """A key as it appears in a field path; odd ones (spaces, newlines, ':',
+    empty) quoted so the message stays one clear line."""
+    key = str(key)
+    return key if key.replace("_", "a").replace("-", "a").isalnum() and key.isascii() else repr(key)
+
+
 def _format_error(err: pydantic.ValidationError) -> str:
     """One readable line per problem: ``field.path: problem; fix``."""
     lines = []
@@ -181,10 +188,11 @@ def _format_error(err: pydantic.ValidationError) -> str:
             if isinstance(part, int):
                 parts.append(f"[{part}]")
             elif part not in ("draft_model", "ngram"):  # discriminated-union tag
-                parts.append(f".{part}" if parts else str(part))
+                parts.append(f".{_key(part)}" if parts else _key(part))
         cause = (e.get("ctx") or {}).get("error")
         if isinstance(cause, _FieldError):
-            parts.append(f".{cause.field}" if parts else cause.field)
+            field = ".".join(_key(k) for k in cause.field.split("."))
+            parts.append(f".{field}" if parts else field)
         loc = "".join(parts)
         leaf = loc.rsplit(".", 1)[-1]
         kind = e["type"]
@@ -214,13 +222,21 @@ def _resolve_paths(cfg: MetaSDConfig, base: Path) -> MetaSDConfig:
         if isinstance(d, DraftModelDrafter):
             path = Path(os.path.expanduser(d.path))
             path = path if path.is_absolute() else base / path
-            if not path.exists():
+            try:
+                exists = path.exists()
+            except (OSError, ValueError):  # NUL byte, name too long
+                exists = False
+            if not exists:
                 raise MetaSDConfigError(
                     f"drafters[{i}].path: {str(path)!r} does not exist; point it at the "
                     f"drafter's model directory (relative paths resolve against {str(base)!r})")
             d = d.model_copy(update={"path": str(path.resolve())})
         drafters.append(d)
     return cfg.model_copy(update={"drafters": drafters})
+
+
+_TOO_DEEP = ("config: nested too deeply to read; metasd.json is at most a few levels deep, "
+             "see the schema in vllm_metasd/config.py")
 
 
 def load_config(source: str | os.PathLike | dict | MetaSDConfig) -> MetaSDConfig:
@@ -231,6 +247,10 @@ def load_config(source: str | os.PathLike | dict | MetaSDConfig) -> MetaSDConfig
     base = Path.cwd()
     if isinstance(source, dict):
         data = source
+    elif not isinstance(source, (str, os.PathLike)):
+        raise MetaSDConfigError(
+            f"config: got {type(source).__name__} {source!r:.60}; give a metasd.json path, "
+            "inline JSON (a string starting with '{') or a dict")
     else:
         text = os.fspath(source)
         if text.lstrip().startswith("{"):
@@ -243,7 +263,7 @@ def load_config(source: str | os.PathLike | dict | MetaSDConfig) -> MetaSDConfig
                 raise MetaSDConfigError(
                     f"config: file {str(path)!r} not found; pass the path of an existing "
                     "metasd.json (or inline JSON starting with '{')") from None
-            except (OSError, UnicodeDecodeError) as e:
+            except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: NUL in path
                 raise MetaSDConfigError(
                     f"config: cannot read {str(path)!r} ({e}); check that it is a readable "
                     "UTF-8 text file") from None
@@ -255,6 +275,8 @@ def load_config(source: str | os.PathLike | dict | MetaSDConfig) -> MetaSDConfig
                 f"config: {origin} is not valid JSON: {e.msg} at line {e.lineno}, column "
                 f"{e.colno}; fix the syntax there (JSON has no comments or trailing commas)"
             ) from None
+        except RecursionError:
+            raise MetaSDConfigError(_TOO_DEEP) from None
     if not isinstance(data, dict):
         raise MetaSDConfigError(
             f"config: must be a JSON object, got {type(data).__name__}; see the schema in "
@@ -263,6 +285,8 @@ def load_config(source: str | os.PathLike | dict | MetaSDConfig) -> MetaSDConfig
         cfg = MetaSDConfig.model_validate(data)
     except pydantic.ValidationError as e:
         raise MetaSDConfigError(_format_error(e)) from None
+    except RecursionError:
+        raise MetaSDConfigError(_TOO_DEEP) from None
     return _resolve_paths(cfg, base)
 
 

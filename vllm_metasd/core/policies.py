@@ -68,6 +68,13 @@ class ParamError(ValueError):
         self.param = param
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def check_param(name: str, value, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False, integer: bool = False):
     """Validate one policy parameter; the ValueError says what is allowed."""
@@ -75,6 +82,8 @@ def check_param(name: str, value, *, low: float | None = None, high: float | Non
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ParamError(name, f"{name} must be {'an integer' if integer else 'a number'}, "
                                f"got {value!r}")
+    if not integer and not _finite(value):
+        raise ParamError(name, f"{name} must be a finite number, got {value!r:.40}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
