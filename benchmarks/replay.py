@@ -141,29 +141,30 @@ def load_trace(path) -> dict:
 # ---- replay -------------------------------------------------------------------
 
 def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
-           keep_choices: bool = False) -> dict:
-    """Run ``policy`` (a metasd.json policy object) over every prompt of the trace,
-    one fresh bandit per prompt, as MetaSD does per request."""
-    from vllm_metasd.core.policies import make_policy
+           warm_start: bool = False, keep_choices: bool = False) -> dict:
+    """Run ``policy`` (a metasd.json policy object) over the trace's prompts in
+    order, through the proposer's own state store: one bandit per prompt, as
+    MetaSD keeps one per request (and, with ``warm_start``, a prior learned
+    over the prompts finished before)."""
+    from vllm_metasd.core import RequestStateStore, make_policy
 
     acc, bd, drafted, offsets = trace["acc"], trace["bd"], trace["drafted"], trace["offsets"]
     params = {k: v for k, v in policy.items() if k != "name"}
-    pol = make_policy(policy["name"], acc.shape[0], seed=seed, **params)
+    store = RequestStateStore(make_policy(policy["name"], acc.shape[0], seed=seed, **params),
+                              warm_start=warm_start)
     steps, accepted, choices = [], [], []
     for i in range(len(offsets) - 1):
         base, L = offsets[i], offsets[i + 1] - offsets[i]
-        state = pol.new_state(state_seed=i)
+        state = store.get_or_create(str(i))
         t, n, a_sum, picks = 1, 0, 0, []
         while t < L:
-            arm = pol.select(state)
-            a = int(acc[arm, base + t])
-            if reward == "bd":
-                r = float(bd[arm, base + t])
-            else:
-                r = a / max(int(drafted[arm, base + t]), 1)
-            pol.update(state, arm, r)
+            arm = store.choose(state)
+            a, d = int(acc[arm, base + t]), int(drafted[arm, base + t])
+            r = float(bd[arm, base + t]) if reward == "bd" else a / max(d, 1)
+            store.record(state, arm, d, a, r)
             picks.append(arm)
             t, n, a_sum = t + a + 1, n + 1, a_sum + a
+        store.free(str(i))
         steps.append(n)
         accepted.append(a_sum)
         choices.append(picks)
@@ -212,19 +213,20 @@ def tune(args) -> None:
     fixed = fixed_arm_steps(trace)
     rows = []
     for name, grid in GRID.items():
-        for params, reward in itertools.product(grid, ("bd", "acceptance")):
+        for params, reward, warm in itertools.product(grid, ("bd", "acceptance"), (False, True)):
             seeds = range(args.seeds) if name in RANDOMISED else range(1)
-            runs = [summarize(trace, replay(trace, {"name": name, **params}, reward, s), fixed)
-                    for s in seeds]
-            row = {"policy": {"name": name, **params}, "reward": reward,
+            runs = [summarize(trace, replay(trace, {"name": name, **params}, reward, s, warm),
+                              fixed) for s in seeds]
+            row = {"policy": {"name": name, **params}, "reward": reward, "warm_start": warm,
                    **{k: (float(np.mean([r[k] for r in runs])) if k != "best_single"
                           else runs[0][k]) for k in runs[0]}}
             rows.append(row)
     best = {}
-    for name in GRID:
-        for reward in ("bd", "acceptance"):
-            cands = [r for r in rows if r["policy"]["name"] == name and r["reward"] == reward]
-            best[f"{name}/{reward}"] = min(cands, key=lambda r: r["regret_steps"])
+    for name, reward, warm in itertools.product(GRID, ("bd", "acceptance"), (False, True)):
+        cands = [r for r in rows if r["policy"]["name"] == name and r["reward"] == reward
+                 and r["warm_start"] == warm]
+        best[f"{name}/{reward}" + ("/warm" if warm else "")] = min(
+            cands, key=lambda r: r["regret_steps"])
     result = {"trace": str(args.trace), "prompts": int(len(trace["offsets"]) - 1),
               "arms": [str(a) for a in trace["arms"]], "best": best, "all": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,9 +251,9 @@ def plot_regret(trace: dict, best: dict, fixed: np.ndarray, path: Path) -> None:
     oracle = fixed.min(axis=0)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, r in best.items():
-        if not key.endswith("/bd"):
+        if r["reward"] != "bd":
             continue
-        steps = replay(trace, r["policy"], "bd")["steps"]
+        steps = replay(trace, r["policy"], "bd", warm_start=r["warm_start"])["steps"]
         ax.plot(np.cumsum(steps - oracle), label=f"{key} {json.dumps(r['policy'])}")
     b = int(np.argmin(fixed.sum(axis=1)))
     ax.plot(np.cumsum(fixed[b] - oracle), "k--", label=f"best single ({trace['arms'][b]})")

@@ -39,10 +39,12 @@ def load_prompts(domain: str | None = None, split: str = "mixed") -> list[dict]:
 
 def default_metasd_config() -> dict:
     """The default MetaSD setup on the zoo: the five specialists, the general
-    drafter and prompt lookup, UCB with the BD reward."""
+    drafter and prompt lookup; UCB (beta 0.1) with the BD reward, warm-started
+    from the requests finished before (the best setting in the offline replay,
+    benchmarks/README.md)."""
     drafters = [{"name": d, "kind": "draft_model", "path": drafter_path(d)}
                 for d in (*DOMAINS, "general")]
     drafters.append({"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2,
                      "prompt_lookup_max": 4})
     return {"num_speculative_tokens": 4, "drafters": drafters,
-            "policy": {"name": "ucb", "beta": 1.0}, "reward": "bd"}
+            "policy": {"name": "ucb", "beta": 0.1}, "reward": "bd", "warm_start": True}
