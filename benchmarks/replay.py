@@ -198,7 +198,8 @@ def summarize(trace: dict, result: dict, fixed: np.ndarray) -> dict:
 
 GRID = {
     "ucb": [{"beta": b} for b in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)],
-    "exp3": [{"gamma": g} for g in (0.05, 0.1, 0.2, 0.3, 0.5)],
+    "exp3": [{"gamma": g} for g in (0.05, 0.1, 0.2, 0.5)]
+    + [{"gamma": g, "eta": e} for g, e in itertools.product((0.05, 0.1, 0.2), (0.1, 0.3, 1.0))],
     "discounted_ucb": [{"beta": b, "gamma": g} for b, g in
                        itertools.product((0.1, 0.3, 1.0), (0.9, 0.95, 0.99))],
     "sliding_window_ucb": [{"beta": b, "window": w} for b, w in

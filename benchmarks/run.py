@@ -34,7 +34,7 @@ K = 4
 # Defaults picked with benchmarks/replay.py (see benchmarks/README.md).
 METASD_POLICIES = {
     "ucb": {"name": "ucb", "beta": 0.1},
-    "exp3": {"name": "exp3", "gamma": 0.5},
+    "exp3": {"name": "exp3", "gamma": 0.2, "eta": 0.3},
     "sliding_window_ucb": {"name": "sliding_window_ucb", "beta": 0.1, "window": 64},
 }
 REWARDS = ("bd", "acceptance")

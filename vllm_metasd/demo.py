@@ -51,8 +51,11 @@ def default_setup(workdir: Path) -> tuple[str, dict, list[str]]:
 def run(target: str, prompts: list[str], max_tokens: int, speculative_config=None):
     from vllm import LLM, SamplingParams
 
+    # float32: the token-for-token check is then exact; in bf16 the target's
+    # rounding depends on the batch shape (1 token vs k+1 verified per step),
+    # which can flip near-tie argmaxes with or without speculation.
     llm = LLM(model=target, enforce_eager=True, max_model_len=512, max_num_seqs=16,
-              seed=0, speculative_config=speculative_config)
+              seed=0, speculative_config=speculative_config, dtype="float32")
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
