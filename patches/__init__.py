@@ -20,6 +20,7 @@ PATCH_MODULES = (
     "model_runner",  # MetaSD proposer in the V1 model runner + reward hand-off
     "rejection_sampler",  # read target probabilities p at verification
     "worker",  # metasd_stats / metasd_reset_stats worker RPCs
+    "api_server",  # per-drafter statistics on /metrics (API-server process only)
 )
 
 logger = logging.getLogger("vllm.metasd")

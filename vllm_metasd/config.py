@@ -302,3 +302,68 @@ def from_speculative_config(spec: dict[str, Any]) -> MetaSDConfig:
             "speculative_config.config: missing; give the metasd.json path, e.g. "
             '{"method": "metasd", "config": "metasd.json"}')
     return load_config(spec["config"])
+
+
+# Tokenizer files compared between a drafter and the target (those present in both).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def _tokenizer_fingerprint(directory: Path, name: str) -> Any:
+    """What must agree: for tokenizer.json the token<->id model and the added
+    tokens (not truncation/padding settings); other files byte for byte."""
+    data = (directory / name).read_bytes()
+    if name != "tokenizer.json":
+        return data
+    tok = json.loads(data)
+    return tok.get("model"), [(t.get("id"), t.get("content")) for t in tok.get("added_tokens", [])]
+
+
+def _config_vocab_size(model_dir: Path) -> int | None:
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def check_drafters_against_target(cfg: MetaSDConfig, target_vocab_size: int | None,
+                                  target_tokenizer: str | os.PathLike | None) -> None:
+    """Every draft LM must use the target's vocabulary: same ``vocab_size`` in
+    its config.json and, where the target's tokenizer is a local directory,
+    the same tokenizer files. Raises MetaSDConfigError naming each drafter."""
+    tok_dir = Path(target_tokenizer) if target_tokenizer is not None else None
+    if tok_dir is not None and not tok_dir.is_dir():
+        tok_dir = None  # a hub id: only the vocabulary size is compared
+    problems = []
+    for i, d in enumerate(cfg.drafters):
+        if not isinstance(d, DraftModelDrafter):
+            continue
+        path, field = Path(d.path), f"drafters[{i}].path"
+        fix = ("use a drafter trained with the target's tokenizer (MetaSD verifies drafts "
+               "token id by token id)")
+        try:
+            vocab = _config_vocab_size(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{field}: cannot read {str(path / 'config.json')!r} ({e}); point "
+                            "it at a Hugging Face model directory (config.json + weights)")
+            continue
+        if target_vocab_size is not None and vocab is not None and vocab != target_vocab_size:
+            problems.append(f"{field}: drafter {d.name!r} has vocab_size {vocab} (config.json), "
+                            f"the target has {target_vocab_size}; {fix}")
+            continue
+        if tok_dir is None:
+            continue
+        for name in _TOKENIZER_FILES:
+            if (path / name).is_file() and (tok_dir / name).is_file():
+                try:
+                    same = (_tokenizer_fingerprint(path, name)
+                            == _tokenizer_fingerprint(tok_dir, name))
+                except (OSError, ValueError) as e:
+                    problems.append(f"{field}: cannot compare {name} with the target's ({e}); "
+                                    f"{fix}")
+                    break
+                if not same:
+                    problems.append(f"{field}: drafter {d.name!r} has a different tokenizer "
+                                    f"than the target ({name} differs from "
+                                    f"{str(tok_dir / name)!r}); {fix}")
+                    break
+    if problems:
+        raise MetaSDConfigError("; ".join(problems))
