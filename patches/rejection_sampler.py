@@ -15,6 +15,15 @@ MetaSD runner is capturing (nothing is computed for any other engine).
    per-token temperature / top-k / top-p stay uninitialised memory, so every
    non-greedy speculative request on CPU (draft_model, ngram, MetaSD) verifies
    against garbage logits. Replaced by the same computation in torch.
+
+3. Empty verification (vLLM 0.32.0 bug, seen on CPU): with speculation
+   configured, the runner always builds spec-decode metadata, so a step in
+   which no request has a draft token (every prefill-only step; a step whose
+   drafts all came back empty) runs the rejection sampler on zero positions.
+   With a top-k request in the batch, vLLM's torch top-k (``k.max()`` of an
+   empty tensor) raises and kills the engine: any speculative engine, one
+   ``top_k`` request. ``apply_sampling_constraints`` returns the empty logits
+   unchanged instead.
 """
 from __future__ import annotations
 
@@ -56,7 +65,17 @@ def _expand_batch_to_tokens(original):
     return expand_batch_to_tokens
 
 
+def _apply_sampling_constraints(original):
+    def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+        if logits.shape[0] == 0:  # no draft token in the batch: nothing to constrain
+            return logits
+        return original(logits, cu_num_draft_tokens, sampling_metadata)
+
+    return apply_sampling_constraints
+
+
 def apply() -> None:
     wrap(rs, "rejection_sample", _rejection_sample)
+    wrap(rs, "apply_sampling_constraints", _apply_sampling_constraints)
     if current_platform.is_cpu():
         wrap(rs, "expand_batch_to_tokens", _expand_batch_to_tokens)

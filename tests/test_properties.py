@@ -104,9 +104,11 @@ def test_verification_feedback_rewards_in_unit_interval(b, kind, data):
     output = torch.full((n_rows, k + 1), -1)
     for row, m in enumerate(emitted.tolist()):
         output[row, :m] = torch.randint(0, vocab, (m,), generator=b["g"])
+    drafts = b["drafts"].clone()
+    if data.draw(st.booleans()):  # vLLM's -1 placeholders (resumed after preemption)
+        drafts[torch.rand(len(drafts), generator=b["g"]) < 0.5] = -1
     with feedback.capture(kind) as v:
-        feedback.observe_drafts(b["drafts"], b["counts"], b["cu"], draft_probs, logits,
-                                is_greedy)
+        feedback.observe_drafts(drafts, b["counts"], b["cu"], draft_probs, logits, is_greedy)
         feedback.observe_output(output)
     assert_rewards(v.rewards, b["counts"])
     assert ((0 <= v.num_accepted) & (v.num_accepted <= v.num_drafted)).all()

@@ -53,16 +53,22 @@ def token_alignment(
     so the term is 1 where the draft equals the target argmax. Random rows:
     p = softmax of the processed logits; a deterministic draft (n-gram, or no
     q) is q = one-hot(d), for which ``1 - TV = p[d]``.
+
+    A draft id -1 is vLLM's placeholder (a request resumed after preemption
+    gets padded drafts, always rejected): it scores 0.
     """
     match = (target_logits.argmax(dim=-1) == draft_token_ids).float()
     if is_greedy_token is None:
         return match
     p = target_logits.softmax(dim=-1, dtype=torch.float32)
+    valid = (draft_token_ids >= 0) & (draft_token_ids < p.shape[-1])
     if draft_probs is None:
-        soft = p.gather(1, draft_token_ids.long().unsqueeze(1)).squeeze(1)
+        safe = draft_token_ids.long().clamp(0, p.shape[-1] - 1)
+        soft = p.gather(1, safe.unsqueeze(1)).squeeze(1)
     else:
         soft = 1.0 - 0.5 * (p - draft_probs.float()).abs().sum(dim=-1)
-    return torch.where(is_greedy_token, match, soft.clamp_(0.0, 1.0))
+    soft = torch.where(valid, soft.clamp_(0.0, 1.0), torch.zeros_like(soft))
+    return torch.where(is_greedy_token, match, soft)
 
 
 def capturing() -> bool:

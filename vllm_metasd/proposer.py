@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -37,6 +38,9 @@ from vllm.v1.spec_decode.ngram_proposer import NgramProposer
 
 from vllm_metasd.config import MetaSDConfig, load_config
 from vllm_metasd.core import CatchUpTracker, RequestStateStore, group_rows_by_arm
+from vllm_metasd.faults import (
+    FAULT_ENV, GARBAGE_KINDS, checked_draft, corrupt_draft, parse_fault_injection,
+)
 from vllm_metasd.feedback import Verification
 from vllm_metasd.patches.speculative_config import drafter_speculative_config
 
@@ -44,6 +48,8 @@ logger = logging.getLogger("vllm.metasd")
 
 # Recent (request id, arm) choices, for learning curves in benchmarks; bounded.
 CHOICE_LOG_LEN = 1 << 16
+# Consecutive drafting failures (exception or invalid output) that disable an arm.
+MAX_ARM_FAILURES = 3
 
 
 class DraftLMArm(DraftModelProposer):
@@ -130,6 +136,17 @@ class MetaSDProposer(DraftModelProposer):
         self.steps = 0
         self.choice_log: collections.deque = collections.deque(maxlen=CHOICE_LOG_LEN)
         self._reset_choice_digest()
+        self.vocab_size = self.draft_model_config.get_vocab_size()
+        self.failures = [0] * len(self.arms)  # consecutive, per arm
+        self.total_failures = [0] * len(self.arms)
+        self.disabled: set[int] = set()  # for the engine's lifetime
+        self.preempted = 0
+        # Tests only (see vllm_metasd.faults); {} in production.
+        self._faults = parse_fault_injection(os.environ.get(FAULT_ENV, ""), self.arm_names)
+        self._garbage_calls = [0] * len(self.arms)
+        if self._faults:
+            logger.warning("MetaSD: %s is set, injecting drafter faults %s (tests only)",
+                           FAULT_ENV, self._faults)
         logger.info(
             "MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s",
             len(self.arms), self.arm_names, self.k, self.config.policy.name,
@@ -180,6 +197,9 @@ class MetaSDProposer(DraftModelProposer):
             self.tracker.free(req_id)
         for req_id in scheduler_output.preempted_req_ids or ():
             self.tracker.free(req_id)  # blocks are gone; the bandit keeps learning
+            self.preempted += 1
+            if (state := self.store.get(req_id)) is not None:
+                state.last_arm = None  # its pending draft is never verified
         for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             self.tracker.free(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
@@ -220,8 +240,9 @@ class MetaSDProposer(DraftModelProposer):
         for row, req_id in enumerate(req_ids):
             if valid[row] > 0:
                 state = self.store.get_or_create(req_id)
-                arms[row] = self.store.choose(state)
-                self.choice_log.append((req_id, int(arms[row])))
+                arms[row] = self._choose(state)
+                if arms[row] >= 0:
+                    self.choice_log.append((req_id, int(arms[row])))
                 # Order-sensitive digest of every (step, request, arm): tensor-
                 # parallel ranks must make identical choices (tests compare it).
                 self._choice_hash.update(f"{self.steps}:{req_id}:{arms[row]};".encode())
@@ -243,20 +264,22 @@ class MetaSDProposer(DraftModelProposer):
         for arm_idx, rows in enumerate(group_rows_by_arm(arms, len(self.arms))):
             if len(rows) == 0:
                 continue
-            arm = self.arms[arm_idx]
-            if isinstance(arm, NgramArm):
-                out = arm.draft([history(r, 0) for r in rows], k)
-                for r, d in zip(rows, out):
-                    drafts[r] = d
-                    if probs is not None and d:  # deterministic draft: q is one-hot
-                        probs[r, torch.arange(len(d)), torch.tensor(d)] = 1.0
-            else:
-                ids, q = self._draft_lm(arm, arm_idx, rows, req_ids, seq_lens, history,
-                                        common_attn_metadata, sampling_metadata, k)
-                for j, r in enumerate(rows):
-                    drafts[r] = ids[j]
-                if probs is not None and q is not None:
-                    probs[torch.as_tensor(rows)] = q.float()
+            ngram = isinstance(self.arms[arm_idx], NgramArm)
+            try:
+                ids, q = self._draft_arm(arm_idx, rows, req_ids, seq_lens, history,
+                                         common_attn_metadata, sampling_metadata, k)
+                out = checked_draft(ids, q, len(rows), k, self.vocab_size,
+                                    need_q=probs is not None and not ngram)
+            except Exception as e:  # a drafter must never take the engine down
+                self._arm_failed(arm_idx, [req_ids[r] for r in rows], e)
+                continue  # its rows keep empty drafts: no speculation, reward 0 below
+            self.failures[arm_idx] = 0
+            for r, d in zip(rows, out):
+                drafts[r] = d
+                if probs is not None and ngram and d:  # deterministic draft: q is one-hot
+                    probs[r, torch.arange(len(d)), torch.tensor(d)] = 1.0
+            if probs is not None and q is not None:
+                probs[torch.as_tensor(rows), : q.shape[1]] = q.float()
 
         t0 = time.perf_counter()
         for row in np.flatnonzero((arms >= 0) & np.array([not d for d in drafts])):
@@ -271,6 +294,55 @@ class MetaSDProposer(DraftModelProposer):
         self.overhead_s += time.perf_counter() - t0
         self._last_draft_probs = probs
         return drafts
+
+    def _choose(self, state) -> int:
+        """The policy's arm for this step. A disabled arm earns 0 and the policy
+        chooses again (at most once per arm); -1 (no speculation) if it keeps
+        choosing disabled arms."""
+        for _ in range(len(self.arms)):
+            arm = self.store.choose(state)
+            if arm not in self.disabled:
+                return arm
+            self.store.record(state, arm, 0, 0, 0.0)
+        state.last_arm = None
+        return -1
+
+    def _draft_arm(self, arm_idx: int, rows: np.ndarray, req_ids, seq_lens, history,
+                   common_attn_metadata, sampling_metadata, k: int):
+        """One arm's raw output for its rows: (ids, q or None), unvalidated."""
+        fault = self._faults.get(arm_idx)  # tests only
+        if fault == "raise":
+            raise RuntimeError(f"{FAULT_ENV}: injected fault in {self.arm_names[arm_idx]!r}")
+        arm = self.arms[arm_idx]
+        if isinstance(arm, NgramArm):
+            ids, q = arm.draft([history(r, 0) for r in rows], k), None
+        else:
+            ids, q = self._draft_lm(arm, arm_idx, rows, req_ids, seq_lens, history,
+                                    common_attn_metadata, sampling_metadata, k)
+        if fault == "garbage":
+            kind = GARBAGE_KINDS[self._garbage_calls[arm_idx] % len(GARBAGE_KINDS)]
+            self._garbage_calls[arm_idx] += 1
+            ids, q = corrupt_draft(ids, q, self.vocab_size, kind)
+        return ids, q
+
+    def _arm_failed(self, arm_idx: int, req_ids: list[str], error: Exception) -> None:
+        """An arm raised or returned garbage: its rows draft nothing this step
+        (reward 0, lossless); its drafter KV for them is recomputed next time;
+        after MAX_ARM_FAILURES consecutive failures it is disabled."""
+        self.failures[arm_idx] += 1
+        self.total_failures[arm_idx] += 1
+        for req_id in req_ids:
+            self.tracker.invalidate(req_id, arm_idx, from_pos=0)
+        name = self.arm_names[arm_idx]
+        if self.failures[arm_idx] >= MAX_ARM_FAILURES:
+            self.disabled.add(arm_idx)
+            logger.warning("MetaSD: drafter %r failed %d times in a row (last: %s: %s); "
+                           "disabled for this engine's lifetime", name,
+                           self.failures[arm_idx], type(error).__name__, error)
+        else:
+            logger.warning("MetaSD: drafter %r failed (%s: %s); %d request(s) get no "
+                           "speculation this step", name, type(error).__name__, error,
+                           len(req_ids))
 
     def _draft_lm(self, arm: DraftLMArm, arm_idx: int, rows: np.ndarray, req_ids,
                   seq_lens: np.ndarray, history, full_cad: CommonAttentionMetadata,
@@ -326,7 +398,7 @@ class MetaSDProposer(DraftModelProposer):
         )
         for r, l in zip(rows, lens):
             self.tracker.mark_computed(req_ids[r], arm_idx, int(l))
-        return ids.tolist(), arm.take_last_draft_probs()
+        return ids, arm.take_last_draft_probs()
 
     # ---- statistics ------------------------------------------------------------
 
@@ -359,6 +431,10 @@ class MetaSDProposer(DraftModelProposer):
         snap["arms"] = self.arm_names
         snap["steps"] = self.steps
         snap["overhead_s"] = self.overhead_s
+        snap["tracked_requests"] = len(self.tracker)  # requests with drafter KV bookkeeping
+        snap["preempted"] = self.preempted
+        snap["arm_failures"] = dict(zip(self.arm_names, self.total_failures))
+        snap["disabled_arms"] = [self.arm_names[a] for a in sorted(self.disabled)]
         # Equal on every TP rank iff the ranks chose the same arms in the same order.
         snap["arm_choices"] = {"count": self._num_choices,
                                "digest": self._choice_hash.hexdigest()}
