@@ -127,3 +127,21 @@ def test_sampling_distribution_matches_target(plain_llm, metasd4_llm):
     assert pooled.shape[1] >= 2
     p_value = sps.chi2_contingency(pooled)[1]
     assert p_value > 0.001
+
+
+def test_long_catch_ups_are_split_to_fit_the_drafter_buffers(tiny_zoo, plain_llm):
+    """Prompts longer than the token budget (max_num_batched_tokens=64): the
+    drafters catch up over several passes and steps, never past their buffers,
+    and the output stays exact."""
+    prompts = [" ".join([p] * 12) for p in PROMPTS[:6]]  # ~50-100 tokens each
+    reference = greedy(plain_llm, prompts, max_tokens=24)
+    cfg = metasd_config(tiny_zoo, ["good", "bad1"], {"name": "fixed", "arm": 0})
+    llm = make_llm(tiny_zoo["target"], {"method": "metasd", "config": cfg},
+                   max_num_batched_tokens=64, max_num_seqs=8)
+    try:
+        assert greedy(llm, prompts, max_tokens=24) == reference
+        good = stats(llm)["drafters"]["good"]
+        # Once caught up, the target's copy drafts what the target says.
+        assert good["drafted"] > 0 and good["accepted"] >= 0.8 * good["drafted"]
+    finally:
+        del llm

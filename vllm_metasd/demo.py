@@ -2,10 +2,11 @@
 
     python -m vllm_metasd.demo [--config metasd.json] [--target DIR] [--num-prompts N]
 
-Runs the mixed-domain prompt set twice through vLLM on this machine: once
-without speculation, once with MetaSD. Greedy outputs must be identical token
-for token (exit 1 otherwise). Prints tokens/s of both, the mean accepted
-length, and per-drafter statistics (share of steps, acceptance, mean reward).
+Runs the mixed-domain prompt set twice through vLLM on this machine, one
+request at a time and in float32: once without speculation, once with MetaSD.
+Greedy outputs must be identical token for token (exit 1 otherwise). Prints
+tokens/s of both and per-drafter statistics (steps chosen, drafted, accepted,
+mean reward).
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ def run(target: str, prompts: list[str], max_tokens: int, speculative_config=Non
     # float32: the token-for-token check is then exact; in bf16 the target's
     # rounding depends on the batch shape (1 token vs k+1 verified per step),
     # which can flip near-tie argmaxes with or without speculation.
-    llm = LLM(model=target, enforce_eager=True, max_model_len=512, max_num_seqs=16,
+    # Batch 1 (one sequence at a time): on a CPU, where the target's forward is
+    # compute-bound, speculation pays at small batches (benchmarks/README.md).
+    llm = LLM(model=target, enforce_eager=True, max_model_len=512, max_num_seqs=1,
               seed=0, speculative_config=speculative_config, dtype="float32")
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()

@@ -37,7 +37,9 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.spec_decode.ngram_proposer import NgramProposer
 
 from vllm_metasd.config import MetaSDConfig, load_config
-from vllm_metasd.core import CatchUpTracker, RequestStateStore, group_rows_by_arm
+from vllm_metasd.core import (
+    CatchUpTracker, RequestStateStore, group_rows_by_arm, plan_catch_up,
+)
 from vllm_metasd.faults import (
     FAULT_ENV, GARBAGE_KINDS, checked_draft, corrupt_draft, parse_fault_injection,
 )
@@ -347,18 +349,43 @@ class MetaSDProposer(DraftModelProposer):
     def _draft_lm(self, arm: DraftLMArm, arm_idx: int, rows: np.ndarray, req_ids,
                   seq_lens: np.ndarray, history, full_cad: CommonAttentionMetadata,
                   sampling_metadata, k: int):
-        """Catch the arm up on each row's unseen tokens, then draft k tokens."""
-        # Tokens [start, L-1) are "target" inputs; token L-1 is the newest one,
-        # appended by vLLM's draft-model first pass. At least one old token is
-        # re-fed so no query is empty (rewriting a KV slot with the same token
-        # is idempotent).
+        """Catch the arm up on each row's unseen tokens, then draft k tokens,
+        in forward passes that fit the arm's token buffers."""
+        # At least one old token is re-fed so no query is empty (rewriting a KV
+        # slot with the same token is idempotent).
         lens = seq_lens[rows]
         starts = np.array([
             min(self.tracker.computed(req_ids[r], arm_idx), int(seq_lens[r]) - 2)
             for r in rows
         ])
         starts = np.maximum(starts, 0)
-        seqs = [history(r, int(s)) for r, s in zip(rows, starts)]
+        passes = plan_catch_up(starts, lens, arm.max_num_tokens)
+        if len(passes) == 1:
+            return self._lm_pass(arm, arm_idx, rows, starts, lens, req_ids, history,
+                                 full_cad, sampling_metadata, k)
+        # Long catch-ups (many new requests, long prompts): several passes. A row
+        # whose catch-up alone exceeds the buffers only advances its KV this
+        # step; its draft (for an earlier position) is still drawn from its q,
+        # so verification stays exact: it just earns little, the switching cost.
+        ids, qs, order = [], [], []
+        for sub, ends in passes:
+            i, q = self._lm_pass(arm, arm_idx, rows[sub], starts[sub], ends, req_ids,
+                                 history, full_cad, sampling_metadata, k)
+            ids.append(i)
+            qs.append(q)
+            order.append(sub)
+        back = np.argsort(np.concatenate(order))
+        q = None if any(x is None for x in qs) else torch.cat(qs)[back]
+        return torch.cat(ids)[back], q
+
+    def _lm_pass(self, arm: DraftLMArm, arm_idx: int, rows: np.ndarray, starts: np.ndarray,
+                 lens: np.ndarray, req_ids, history, full_cad: CommonAttentionMetadata,
+                 sampling_metadata, k: int):
+        """One forward pass of the arm over tokens [start, L) of each row, then
+        k draft tokens after position L-1."""
+        # Tokens [start, L-1) are "target" inputs; token L-1 is the newest one,
+        # appended by vLLM's draft-model first pass.
+        seqs = [history(r, int(s))[: int(l) - int(s)] for r, s, l in zip(rows, starts, lens)]
         inputs = np.concatenate([s[:-1] for s in seqs])
         next_ids = torch.tensor([int(s[-1]) for s in seqs], dtype=torch.int32)
         q_lens = lens - 1 - starts
