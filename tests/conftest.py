@@ -29,7 +29,8 @@ def make_llm(target, speculative_config=None, **kwargs):
     from vllm import LLM
 
     kwargs.setdefault("max_num_seqs", 16)
-    return LLM(model=target, enforce_eager=True, max_model_len=512, seed=0,
+    kwargs.setdefault("max_model_len", 512)
+    return LLM(model=target, enforce_eager=True, seed=0,
                speculative_config=speculative_config, **kwargs)
 
 

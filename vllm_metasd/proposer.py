@@ -110,6 +110,15 @@ class MetaSDProposer(DraftModelProposer):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         spec = vllm_config.speculative_config
         self.config: MetaSDConfig = load_config(spec.metasd)
+        budget = vllm_config.scheduler_config.max_num_batched_tokens
+        max_len = vllm_config.model_config.max_model_len
+        if budget < max_len:
+            # A drafter chosen late for a request catches up on the whole
+            # sequence; one such row must fit one forward pass (longer ones
+            # crash the CPU engine; splitting one row over steps is future work).
+            raise ValueError(
+                f"MetaSD needs max_num_batched_tokens >= max_model_len (got {budget} < "
+                f"{max_len}): raise max_num_batched_tokens or lower max_model_len")
         self.runner = runner
         self.k = spec.num_speculative_tokens
         self.arm_names = [d.name for d in self.config.drafters]
@@ -363,10 +372,8 @@ class MetaSDProposer(DraftModelProposer):
         if len(passes) == 1:
             return self._lm_pass(arm, arm_idx, rows, starts, lens, req_ids, history,
                                  full_cad, sampling_metadata, k)
-        # Long catch-ups (many new requests, long prompts): several passes. A row
-        # whose catch-up alone exceeds the buffers only advances its KV this
-        # step; its draft (for an earlier position) is still drawn from its q,
-        # so verification stays exact: it just earns little, the switching cost.
+        # Long catch-ups (many new requests, long prompts): several passes, each
+        # within the arm's buffers (one row always fits: see __init__).
         ids, qs, order = [], [], []
         for sub, ends in passes:
             i, q = self._lm_pass(arm, arm_idx, rows[sub], starts[sub], ends, req_ids,

@@ -270,10 +270,10 @@ class EXP3Policy(Policy):
         old = state.weights  # max 0
         new = list(old)
         new[arm] += self.eta * reward / p
-        if self.alpha > 0.0:
+        share = math.e * self.alpha / self.num_arms * sum(math.exp(x) for x in old)
+        if share > 0.0:  # alpha > 0 that does not underflow
             # w_i <- w_i * exp(eta * r_i / p_i) + (e * alpha / K) * sum_j w_j(old), in log space.
-            log_share = math.log(math.e * self.alpha / self.num_arms
-                                 * sum(math.exp(x) for x in old))
+            log_share = math.log(share)
             new = [_logaddexp(x, log_share) for x in new]
         top = max(new)
         state.weights = [x - top for x in new]
