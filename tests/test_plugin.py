@@ -68,3 +68,35 @@ def test_speculative_config_cli_accepts_a_metasd_json_path(tmp_path):
     assert rewrite_argv(out) == out  # idempotent
     missing = rewrite_argv(["--speculative-config", "nope/metasd.json"])[1]
     assert json.loads(missing)["config"].endswith("nope/metasd.json")
+
+
+def _amx_state() -> tuple[bool, bool]:
+    """In a fresh (spawned) process with the plugin loaded: (vLLM sees AMX,
+    Linux lets this process use AMX tile data)."""
+    import ctypes
+
+    import torch
+
+    from vllm_metasd.plugin import register
+
+    register()
+    bits = ctypes.c_uint64(0)
+    # arch_prctl(ARCH_GET_XCOMP_PERM): the extended states this process may use.
+    ctypes.CDLL(None, use_errno=True).syscall(158, 0x1022, ctypes.byref(bits))
+    return bool(torch.cpu._is_amx_tile_supported()), bool(bits.value >> 18 & 1)
+
+
+def test_vllm_never_sees_amx_without_the_tile_permission():
+    """vLLM CPU picks AMX kernels from CPUID alone and starts its workers by
+    exec (spawn), which resets the permission: a worker that runs a tile
+    instruction before asking dies with SIGILL (patches/cpu_amx.py)."""
+    import concurrent.futures
+    import multiprocessing
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AMX is x86 only")
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        sees_amx, permitted = pool.submit(_amx_state).result(timeout=120)
+    assert permitted or not sees_amx
