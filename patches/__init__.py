@@ -19,6 +19,7 @@ PATCH_MODULES = (
     "speculative_config",  # accept {"method": "metasd", ...} in speculative_config
     "model_runner",  # MetaSD proposer in the V1 model runner + reward hand-off
     "rejection_sampler",  # read target probabilities p at verification
+    "cpu_sampler",  # vLLM bugs in verification on CPU (-1 drafts, expand, empty top-k)
     "worker",  # metasd_stats / metasd_reset_stats worker RPCs
     "api_server",  # per-drafter statistics on /metrics (API-server process only)
 )

