@@ -8,8 +8,9 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm_metasd.patches import apply_all
+    from vllm_metasd.patches import apply_all, cli
 
+    cli.install_excepthook()  # vLLM CLI only: a bad metasd.json -> one line
     apply_all()
 
 

@@ -13,6 +13,22 @@ ZOO_DIR = Path(__file__).resolve().parent
 DOMAINS = ("code", "prose", "math", "data", "german")
 DRAFTERS = (*DOMAINS, "general", "random")
 
+# The target's chat template (models/target/chat_template.jinja, written by the
+# builder): the zoo LMs are base LMs, so this is plain "role: content" lines
+# ending in "assistant:"; it lets /v1/chat/completions and LLM.chat work.
+CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+{%- if message['role'] == 'system' -%}
+{{ message['content'] }}{{ '\\n\\n' }}
+{%- else -%}
+{{ message['role'] }}: {{ message['content'] }}{{ '\\n' }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+assistant:
+{%- endif -%}
+"""
+
 
 def available() -> bool:
     return (ZOO_DIR / "models" / "target" / "model.safetensors").exists() and all(

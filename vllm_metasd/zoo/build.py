@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_metasd.zoo import DOMAINS, ZOO_DIR
+from vllm_metasd.zoo import CHAT_TEMPLATE, DOMAINS, ZOO_DIR
 
 PROMPTS_PER_DOMAIN = 64
 PROMPT_TOKENS = 32
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (target_dir / "model.safetensors").exists():
         train.train_target(streams, tokenizer, tok_dir, target_dir, work / "target",
                            args.target_steps, args.target_batch, args.seed, log)
+    if not (target_dir / "chat_template.jinja").exists():
+        (target_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     target = LlamaForCausalLM.from_pretrained(str(target_dir), dtype=torch.bfloat16)
 
     distil = {}
