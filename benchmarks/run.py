@@ -38,19 +38,25 @@ METASD_POLICIES = {
     "sliding_window_ucb": {"name": "sliding_window_ucb", "beta": 0.1, "window": 64},
 }
 REWARDS = ("bd", "acceptance")
+TARGET = "zoo"  # --target: "zoo" (bundled 21M target) or "smollm2" (SmolLM2-135M-Instruct)
+
+
+def models():
+    """The model set benchmarked: vllm_metasd.zoo or vllm_metasd.smollm2."""
+    from vllm_metasd.smollm2.workload import select
+
+    return select(TARGET)
 
 
 def all_methods() -> list[str]:
-    from vllm_metasd import zoo
-
+    zoo = models()
     drafters = [d for d in zoo.DRAFTERS if d != "random"]
     return (["none"] + [f"draft:{d}" for d in drafters] + ["ngram"]
             + [f"metasd:{p}:{r}" for p in METASD_POLICIES for r in REWARDS])
 
 
 def speculative_config(engine: str):
-    from vllm_metasd import zoo
-
+    zoo = models()
     if engine == "none":
         return None
     if engine == "ngram":
@@ -132,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_metasd import zoo
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "results.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: results/results.json (zoo), results/smollm2/results.json")
+    ap.add_argument("--target", choices=("zoo", "smollm2"), default="zoo",
+                    help="smollm2: SmolLM2-135M-Instruct (python -m vllm_metasd.smollm2.fetch)"
+                         " with its distilled drafters")
+    ap.add_argument("--prompts", type=Path, default=None,
+                    help='JSONL of chat requests {"category": ..., "turns": [...]}: the first '
+                         "turn of each, in the target's chat template; categories = domains")
     ap.add_argument("--quick", action="store_true",
                     help="2 prompts per domain, 32 tokens (< 10 minutes)")
     ap.add_argument("--prompts-per-domain", type=int, default=None)
@@ -142,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="vLLM dtype (the zoo is bf16)")
     ap.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
+    global TARGET
+    TARGET = args.target
+    zoo = models()
+    if args.out is None:
+        args.out = HERE / "results" / ("smollm2/" if TARGET == "smollm2" else "") / "results.json"
     if not zoo.available():
-        raise SystemExit("the zoo's weights are missing: python -m vllm_metasd.zoo.build")
+        raise SystemExit(f"{TARGET}: weights missing: python -m vllm_metasd.{TARGET}.build"
+                         + (" (target: python -m vllm_metasd.smollm2.fetch)"
+                            if TARGET == "smollm2" else ""))
     per_domain = args.prompts_per_domain or (2 if args.quick else 8)
     max_tokens = args.max_tokens or (32 if args.quick else 96)
     methods = args.methods.split(",") if args.methods else all_methods()
@@ -152,8 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown methods {sorted(unknown)}; valid: {all_methods()}")
 
     # The mixed workload: held-out prompts of every domain, interleaved.
-    rows = [p for i in range(per_domain) for d in zoo.DOMAINS for p in [zoo.load_prompts(d)[i]]]
-    prompts, domains = [r["prompt"] for r in rows], [r["domain"] for r in rows]
+    if args.prompts is not None or TARGET == "smollm2":   # chat requests
+        from vllm_metasd.smollm2.workload import chat_workload
+
+        prompts, domains = chat_workload(zoo, args.prompts, per_domain)
+    else:
+        rows = [p for i in range(per_domain) for d in zoo.DOMAINS
+                for p in [zoo.load_prompts(d)[i]]]
+        prompts, domains = [r["prompt"] for r in rows], [r["domain"] for r in rows]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_tokens=4, temperature=0.0)
 
@@ -210,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     singles = [m for m in bs1_rows if m.startswith("draft:") or m == "ngram"]
     if singles:
         results.append(oracle_entry(bs1_rows, singles, domains))
-    out = {"machine": machine(), "k": K, "max_tokens": max_tokens, "dtype": args.dtype,
+    out = {"machine": machine(), "target": TARGET,
+           "prompts_file": None if args.prompts is None else str(args.prompts),
+           "k": K, "max_tokens": max_tokens, "dtype": args.dtype,
            "prompts_per_domain": per_domain, "num_prompts": len(prompts),
            "methods": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
