@@ -1,6 +1,7 @@
 """Acceptance matrix of the bundled zoo: every (drafter, domain) pair through vLLM.
 
     python benchmarks/acceptance_matrix.py [--prompts 16] [--max-tokens 64] [--out DIR]
+    python benchmarks/acceptance_matrix.py --target smollm2   # -> results/smollm2/
 
 For each zoo drafter, one vLLM CPU engine with vLLM's own ``draft_model``
 speculative decoding (k = 4) generates the held-out prompts of every domain at
@@ -10,7 +11,10 @@ temperature 0 and 1. From vLLM's spec-decode counters it records, per cell,
 
 (tokens emitted per step are 1 + that). Then, at batch 1 and temperature 0, it
 times each domain's best drafter against no speculation (same prompts, same
-run). Writes ``acceptance_matrix.json`` and ``acceptance_matrix.png``.
+run), and every drafter's batch-1 speedup over no speculation per domain
+(``speedup_bs1``). Writes ``acceptance_matrix.json`` and ``acceptance_matrix.png``.
+With ``--target smollm2`` the held-out chat requests are rendered with
+SmolLM2's chat template.
 """
 from __future__ import annotations
 
@@ -92,15 +96,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--speed-prompts", type=int, default=4,
                     help="prompts per domain for the batch-1 timing")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: results/ (zoo), results/smollm2/ (smollm2)")
+    ap.add_argument("--target", choices=("zoo", "smollm2"), default="zoo",
+                    help="smollm2: SmolLM2-135M-Instruct and its distilled drafters")
     args = ap.parse_args(argv)
+    from vllm_metasd.smollm2.workload import render, select
+
+    zoo = select(args.target)
+    if args.out is None:
+        args.out = HERE / "results" / ("smollm2" if args.target == "smollm2" else "")
     if not zoo.available():
-        raise SystemExit("the zoo's weights are missing; build them with "
-                         "`python -m vllm_metasd.zoo.build`")
+        raise SystemExit(f"the {args.target} weights are missing; build them with "
+                         f"`python -m vllm_metasd.{args.target}.build`")
 
     domains = list(zoo.DOMAINS)
     drafters = [d for d in zoo.DRAFTERS if d != "random"]
-    prompts = {d: [p["prompt"] for p in zoo.load_prompts(d)[: args.prompts]] for d in domains}
+    if args.target == "smollm2":     # chat requests in the target's chat template
+        prompts = {d: render(zoo.target_path(), zoo.load_prompts(d)[: args.prompts])
+                   for d in domains}
+    else:
+        prompts = {d: [p["prompt"] for p in zoo.load_prompts(d)[: args.prompts]]
+                   for d in domains}
     temps = {"0": SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True),
              "1": SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=0,
                                  ignore_eos=True)}
@@ -111,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     llm = make_llm(zoo.target_path(), None)
     seconds["none"] = {d: decode_seconds(llm, prompts[d][: args.speed_prompts], greedy)
                        for d in domains}
+    llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
     for name in drafters:
@@ -120,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds[name] = {d: decode_seconds(llm, prompts[d][: args.speed_prompts], greedy)
                          for d in domains}
         print(name, json.dumps(matrix["0"][name]), flush=True)
+        llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
 
@@ -133,12 +152,19 @@ def main(argv: list[str] | None = None) -> None:
             "specialist_vs_best_other_specialist": matrix["0"][dom][dom] / max(max(others), 1e-9),
             "speedup_bs1_best_drafter": seconds["none"][dom] / seconds[best][dom],
         }
-    result = {"k": K, "max_tokens": args.max_tokens, "prompts_per_domain": args.prompts,
-              "mean_accepted_len": matrix, "decode_seconds_bs1": seconds, "summary": summary}
+    # Every drafter's batch-1 speedup over no speculation, per domain and overall.
+    speedup = {n: {**{d: seconds["none"][d] / seconds[n][d] for d in domains},
+                   "all": sum(seconds["none"].values()) / sum(seconds[n].values())}
+               for n in drafters}
+    result = {"target": args.target, "k": K, "max_tokens": args.max_tokens,
+              "prompts_per_domain": args.prompts, "speed_prompts_per_domain": args.speed_prompts,
+              "mean_accepted_len": matrix, "decode_seconds_bs1": seconds,
+              "speedup_bs1": speedup, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "acceptance_matrix.json").write_text(json.dumps(result, indent=1))
     plot(matrix, drafters, domains, args.out / "acceptance_matrix.png")
     print(json.dumps(summary, indent=1))
+    print(json.dumps({n: round(v["all"], 3) for n, v in speedup.items()}))
 
 
 if __name__ == "__main__":

@@ -285,3 +285,27 @@ def test_metasd_on_smollm2_equals_plain_decoding_float32():
             llm.llm_engine.engine_core.shutdown()
             del llm
     assert outputs[0] == outputs[1]
+
+
+def test_chat_workload_from_a_jsonl_file(tmp_path):
+    from vllm_metasd import zoo
+    from vllm_metasd.smollm2.workload import chat_rows, chat_workload, select
+
+    f = tmp_path / "bench.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"category": "writing", "turns": ["Write a haiku.", "Now a limerick."]},
+        {"category": "coding", "turns": ["def fib(n):"]},
+        {"category": "writing", "turns": ["Write a poem."]},
+        {"turns": ["No category."]}]))
+    rows = chat_rows(select("zoo"), f, per_domain=1)
+    assert [r["category"] for r in rows] == ["writing", "coding", "all"]
+    if zoo.available():
+        prompts, cats = chat_workload(select("zoo"), f)
+        assert len(prompts) == 4 and "Write a haiku." in prompts[0]
+        assert "limerick" not in prompts[0]                      # first turn only
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "x", "turns": []}\n')
+    with pytest.raises(ValueError, match="turns"):
+        chat_rows(select("zoo"), bad, None)
+    with pytest.raises(ValueError, match="unknown target"):
+        select("llama")
