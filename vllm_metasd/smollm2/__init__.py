@@ -97,6 +97,12 @@ def chat_prompt(tokenizer, turn: str) -> str:
                                          add_generation_prompt=True, tokenize=False)
 
 
+def metasd_json_path() -> str:
+    """The shipped metasd.json for SmolLM2 (drafter paths relative to it): the same
+    setup as ``default_metasd_config()``, for ``vllm serve --speculative-config``."""
+    return str(PKG_DIR / "metasd.json")
+
+
 def default_metasd_config() -> dict:
     """MetaSD on SmolLM2: the five specialists, the general drafter and prompt
     lookup; UCB (beta 0.1) with the BD reward and warm start, as on the zoo."""
