@@ -56,12 +56,16 @@ def _create_speculative_config(original):
         spec = self.speculative_config
         if not (isinstance(spec, dict) and spec.get("method") == "metasd"):
             return original(self, target_model_config, target_parallel_config)
-        from vllm_metasd.config import check_drafters_against_target, from_speculative_config
+        from vllm_metasd.config import (
+            check_drafters_against_target, check_engine_limits, from_speculative_config,
+        )
 
         metasd = from_speculative_config(spec)
-        # Before vLLM loads anything: every drafter must share the target's vocabulary.
+        # Before vLLM loads anything: every drafter must share the target's vocabulary,
+        # and k, the n-gram lengths and the drafters' contexts must fit max_model_len.
         check_drafters_against_target(metasd, target_model_config.get_vocab_size(),
                                       target_model_config.tokenizer)
+        check_engine_limits(metasd, target_model_config.max_model_len)
         return MetaSDSpeculativeConfig(
             **metasd.vllm_speculative_kwargs(),
             metasd=metasd.to_json_dict(),

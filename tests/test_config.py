@@ -124,6 +124,9 @@ def test_directory_and_malformed_file(workdir):
     ({"num_speculative_tokens": 0}, "num_speculative_tokens",
      ["greater than or equal to 1", "got 0", "e.g. 4"]),
     ({"num_speculative_tokens": "4"}, "num_speculative_tokens", ["valid integer", "'4'"]),
+    ({"num_speculative_tokens": 129}, "num_speculative_tokens",
+     ["less than or equal to 128", "got 129", "vLLM verifies at most 128"]),
+    ({"num_speculative_tokens": 1000000}, "num_speculative_tokens", ["got 1000000", "1 to 128"]),
     ({"num_speculative_tokens": DELETE}, "num_speculative_tokens", ["required field is missing"]),
     ({"drafters": []}, "drafters", ["at least 1 item", "non-empty list"]),
     ({"drafters__1__name": "code"}, "drafters", ["duplicate drafter names ['code']", "unique"]),
@@ -136,6 +139,8 @@ def test_directory_and_malformed_file(workdir):
     ({"seed": -1}, "seed", ["greater than or equal to 0"]),
     ({"warm_start": "yes"}, "warm_start", ["valid boolean", "true or false"]),
     ({"log_stats_interval_s": -1.0}, "log_stats_interval_s", ["greater than or equal to 0"]),
+    ({"log_stats_interval_s": float("inf")}, "log_stats_interval_s", ["finite number", "inf"]),
+    ({"log_stats_interval_s": float("nan")}, "log_stats_interval_s", ["finite number", "nan"]),
     ({"policy": {"name": "ucb", "beta": -1}}, "policy.beta", ["must be > 0", "got -1"]),
     ({"policy": {"name": "ucb", "beta": "1"}}, "policy.beta", ["must be a number"]),
     ({"policy": {"name": "exp3", "gamma": 1.5}}, "policy.gamma", ["(0, 1]", "got 1.5"]),
@@ -172,3 +177,97 @@ def test_error_is_a_value_error(workdir):
     assert issubclass(MetaSDConfigError, ValueError)
     with pytest.raises(ValueError):
         load_config(os.fspath(workdir / "missing.json"))
+
+
+# ---- limits of the engine (check_engine_limits, run before the engine starts) ----------
+
+
+def test_k_bound_is_vllms_max_spec_len(workdir):
+    """vLLM's rejection sampler asserts max_spec_len <= MAX_SPEC_LEN at the first
+    speculative step (k = 129 killed the engine there); k = 128 serves."""
+    from vllm.v1.sample.rejection_sampler import MAX_SPEC_LEN
+
+    from vllm_metasd.config import MAX_SPEC_LEN as OURS
+
+    assert OURS == MAX_SPEC_LEN
+    assert load_config(with_(num_speculative_tokens=MAX_SPEC_LEN)).num_speculative_tokens == 128
+
+
+def engine_error(cfg, max_model_len):
+    from vllm_metasd.config import check_engine_limits
+
+    with pytest.raises(MetaSDConfigError) as e:
+        check_engine_limits(load_config(cfg), max_model_len)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def drafter_config(workdir, **keys):
+    (workdir / "zoo" / "drafter-code" / "config.json").write_text(json.dumps(keys))
+
+
+def test_values_that_fit_the_engine_pass(workdir):
+    from vllm_metasd.config import check_engine_limits
+
+    drafter_config(workdir, max_position_embeddings=1024, vocab_size=4)
+    check_engine_limits(load_config(VALID), 1024)
+    check_engine_limits(load_config(with_(num_speculative_tokens=128)), 129)
+    (workdir / "zoo" / "drafter-code" / "config.json").unlink()
+    check_engine_limits(load_config(VALID), 4096)  # no config.json: vLLM's checks apply
+
+
+def test_k_must_fit_max_model_len(workdir):
+    msg = engine_error(with_(num_speculative_tokens=64), 64)
+    assert msg.startswith("num_speculative_tokens: 64 does not fit max_model_len 64")
+    assert "lower it to at most 63 or raise max_model_len" in msg
+
+
+def test_prompt_lookup_max_must_fit_max_model_len(workdir):
+    msg = engine_error(with_(drafters__1__prompt_lookup_max=10**9), 512)
+    assert msg.startswith("drafters[1].prompt_lookup_max: 1000000000 exceeds max_model_len 512")
+    assert "lower it to at most 512" in msg
+
+
+@pytest.mark.parametrize("keys,named", [
+    ({"max_position_embeddings": 256}, "256 positions (max_position_embeddings in"),
+    ({"text_config": {"n_positions": 256, "max_position_embeddings": 4096}},
+     "256 positions (n_positions in"),
+])
+def test_a_drafter_shorter_than_max_model_len_is_refused(workdir, keys, named):
+    drafter_config(workdir, **keys)
+    msg = engine_error(VALID, 512)
+    assert msg.startswith("drafters[0].path: drafter 'code' handles ") and named in msg, msg
+    assert "fewer than the engine's max_model_len 512" in msg
+    assert "lower max_model_len to 256 or use a drafter with a context of at least 512" in msg
+
+
+def test_a_rope_scaled_drafter_is_left_to_vllm(workdir):
+    from vllm_metasd.config import check_engine_limits
+
+    drafter_config(workdir, max_position_embeddings=256,
+                   rope_scaling={"rope_type": "linear", "factor": 4.0})
+    check_engine_limits(load_config(VALID), 1024)
+
+
+def test_engine_limit_problems_are_reported_together(workdir):
+    drafter_config(workdir, max_position_embeddings=8)
+    msg = engine_error(with_(num_speculative_tokens=16, drafters__1__prompt_lookup_max=32), 16)
+    assert all(f in msg for f in ("num_speculative_tokens:", "drafters[1].prompt_lookup_max:",
+                                  "drafters[0].path:")), msg
+
+
+def test_the_engine_refuses_them_before_it_starts(tiny_zoo):
+    """Through vLLM's own config path (no engine is started)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_metasd.patches import apply_all
+
+    apply_all()
+    cfg = {"num_speculative_tokens": 64, "log_stats_interval_s": 0,
+           "drafters": [{"name": "good", "kind": "draft_model", "path": tiny_zoo["good"]}]}
+    args = EngineArgs(model=tiny_zoo["target"], enforce_eager=True, max_model_len=64,
+                      speculative_config={"method": "metasd", "config": cfg})
+    with pytest.raises(MetaSDConfigError, match=r"^num_speculative_tokens: 64 does not fit "
+                                                r"max_model_len 64"):
+        args.create_engine_config()

@@ -37,6 +37,12 @@ class MetaSDConfigError(ValueError):
     pass
 
 
+# vLLM 0.32's rejection sampler verifies at most this many drafts per request and step
+# (``vllm.v1.sample.rejection_sampler.MAX_SPEC_LEN``; it asserts it at the first
+# speculative step, which kills the engine). tests/test_config.py checks the constant.
+MAX_SPEC_LEN = 128
+
+
 class _FieldError(ValueError):
     """A validator's error about a sub-field its pydantic location does not name."""
 
@@ -107,13 +113,13 @@ class PolicyConfig(BaseModel):
 
 
 class MetaSDConfig(_Strict):
-    num_speculative_tokens: int = Field(ge=1)
+    num_speculative_tokens: int = Field(ge=1, le=MAX_SPEC_LEN)
     drafters: list[Drafter] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     reward: Literal["bd", "acceptance"] = "bd"
     seed: int = Field(default=0, ge=0)
     warm_start: bool = False
-    log_stats_interval_s: float = Field(default=10.0, ge=0)
+    log_stats_interval_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
 
     @pydantic.field_validator("drafters")
     @classmethod
@@ -160,7 +166,8 @@ class MetaSDConfig(_Strict):
 
 
 _HINTS = {
-    "num_speculative_tokens": "set it to the tokens each drafter proposes per step, e.g. 4",
+    "num_speculative_tokens": (f"set it to the tokens each drafter proposes per step, 1 to "
+                               f"{MAX_SPEC_LEN} (vLLM verifies at most {MAX_SPEC_LEN}), e.g. 4"),
     "drafters": 'give a non-empty list such as [{"name": "code", "kind": "draft_model", '
                 '"path": "zoo/drafter-code"}]',
     "name": "use letters, digits, '_' or '-' only",
@@ -168,7 +175,7 @@ _HINTS = {
     "reward": "use 'bd' (block divergence) or 'acceptance'",
     "seed": "use an integer >= 0",
     "warm_start": "use true or false",
-    "log_stats_interval_s": "use seconds >= 0 (0 disables the periodic log)",
+    "log_stats_interval_s": "use a finite number of seconds >= 0 (0 disables the periodic log)",
 }
 
 
@@ -322,6 +329,57 @@ def _config_vocab_size(model_dir: Path) -> int | None:
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
     return size if isinstance(size, int) else None
+
+
+# config.json keys vLLM reads a model's context length from (the smallest one counts).
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                 "model_max_length", "max_sequence_length", "max_seq_length", "seq_len")
+
+
+def _config_max_len(model_dir: Path) -> tuple[int, str] | None:
+    """The positions a checkpoint handles, as vLLM derives them from its config.json;
+    None when unknown or when RoPE scaling stretches it (then vLLM's own checks apply)."""
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    for rope in (text.get("rope_scaling"), text.get("rope_parameters")):
+        if isinstance(rope, dict) and rope.get("factor") not in (None, 1, 1.0):
+            return None
+    found = [(v, k) for k in _MAX_LEN_KEYS
+             if isinstance(v := text.get(k), int) and not isinstance(v, bool) and v > 0]
+    return min(found) if found else None
+
+
+def check_engine_limits(cfg: MetaSDConfig, max_model_len: int) -> None:
+    """Values the engine with this ``max_model_len`` cannot serve (checked before it
+    starts, once vLLM has resolved max_model_len). Raises MetaSDConfigError."""
+    problems = []
+    k = cfg.num_speculative_tokens
+    if k + 1 > max_model_len:
+        problems.append(
+            f"num_speculative_tokens: {k} does not fit max_model_len {max_model_len} (a step "
+            f"verifies k + 1 tokens of one sequence, so nothing would ever be drafted); "
+            f"lower it to at most {max_model_len - 1} or raise max_model_len")
+    for i, d in enumerate(cfg.drafters):
+        if isinstance(d, NgramDrafter) and d.prompt_lookup_max > max_model_len:
+            # (vLLM's n-gram matcher also allocates prompt_lookup_max ints per request.)
+            problems.append(
+                f"drafters[{i}].prompt_lookup_max: {d.prompt_lookup_max} exceeds max_model_len "
+                f"{max_model_len} (an n-gram longer than the sequence never matches); lower "
+                f"it to at most {max_model_len}, e.g. 4")
+        elif isinstance(d, DraftModelDrafter):
+            try:
+                limit = _config_max_len(Path(d.path))
+            except (OSError, ValueError):
+                continue  # unreadable: check_drafters_against_target reports it
+            if limit is not None and limit[0] < max_model_len:
+                problems.append(
+                    f"drafters[{i}].path: drafter {d.name!r} handles {limit[0]} positions "
+                    f"({limit[1]} in its config.json), fewer than the engine's max_model_len "
+                    f"{max_model_len} (it would draft garbage past them and be disabled); "
+                    f"lower max_model_len to {limit[0]} or use a drafter with a context of "
+                    f"at least {max_model_len}")
+    if problems:
+        raise MetaSDConfigError("; ".join(problems))
 
 
 def check_drafters_against_target(cfg: MetaSDConfig, target_vocab_size: int | None,
