@@ -16,6 +16,7 @@ SUPPORTED_VLLM_VERSION = "0.32.0"
 
 # Order matters only for readability: config first, then the worker side.
 PATCH_MODULES = (
+    "cpu_amx",  # x86 + AMX: ask Linux for the tile permission vLLM's AMX kernels need
     "speculative_config",  # accept {"method": "metasd", ...} in speculative_config
     "model_runner",  # MetaSD proposer in the V1 model runner + reward hand-off
     "rejection_sampler",  # read target probabilities p at verification

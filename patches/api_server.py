@@ -81,10 +81,8 @@ class MetaSDCollector:
         for name in snap.get("arms", snap["drafters"]):
             d = snap["drafters"][name]
             for key, family in families.items():
-                value = d[key]
-                if key == "mean_reward" and not d.get("reward_count"):
-                    value = math.nan
-                family.add_metric([name], float(value))
+                value = d[key]  # None: no data yet (never rewarded)
+                family.add_metric([name], math.nan if value is None else float(value))
         yield from families.values()
         yield GaugeMetricFamily("metasd_live_requests",
                                 "Requests currently holding MetaSD bandit state",

@@ -24,13 +24,9 @@ def _rejection_sample(original):
                          cu_num_draft_tokens, draft_probs, target_logits,
                          bonus_token_ids, sampling_metadata, *args, **kwargs):
         if feedback.capturing():
-            is_greedy = None
-            if not sampling_metadata.all_greedy:
-                # Same greedy test as rejection_sample itself (GREEDY_TEMPERATURE = 0).
-                is_greedy = sampling_metadata.temperature == 0
             # Before sampling: vLLM's CPU kernels may reuse target_logits in place.
             feedback.observe_drafts(draft_token_ids, num_draft_tokens, cu_num_draft_tokens,
-                                    draft_probs, target_logits, is_greedy)
+                                    draft_probs, target_logits)
         output = original(draft_token_ids, num_draft_tokens, max_spec_len,
                           cu_num_draft_tokens, draft_probs, target_logits,
                           bonus_token_ids, sampling_metadata, *args, **kwargs)

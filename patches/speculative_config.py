@@ -32,25 +32,6 @@ class MetaSDSpeculativeConfig(SpeculativeConfig):
     """The validated metasd.json (see vllm_metasd.config)."""
 
 
-def drafter_speculative_config(spec: SpeculativeConfig, model: str) -> SpeculativeConfig:
-    """vLLM's draft-model config for one more drafter, sharing spec's settings.
-
-    (vLLM's ``replace`` cannot re-validate a draft-model SpeculativeConfig, so
-    the config is rebuilt from the user-level fields.)
-    """
-    return SpeculativeConfig(
-        method="draft_model",
-        model=model,
-        num_speculative_tokens=spec.num_speculative_tokens,
-        draft_sample_method=spec.draft_sample_method,
-        draft_tensor_parallel_size=spec.draft_parallel_config.tensor_parallel_size,
-        max_model_len=spec.max_model_len,
-        enforce_eager=spec.enforce_eager,
-        target_model_config=spec.target_model_config,
-        target_parallel_config=spec.target_parallel_config,
-    )
-
-
 def _create_speculative_config(original):
     def create_speculative_config(self, target_model_config, target_parallel_config):
         spec = self.speculative_config

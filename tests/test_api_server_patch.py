@@ -14,7 +14,7 @@ SNAPSHOT = {
         "code": {"chosen": 5, "drafted": 12, "accepted": 9, "acceptance_rate": 0.75,
                  "reward_count": 4, "mean_reward": 0.6},
         "lookup": {"chosen": 1, "drafted": 0, "accepted": 0, "acceptance_rate": 0.0,
-                   "reward_count": 0, "mean_reward": 0.0},
+                   "reward_count": 0, "mean_reward": None},
     },
 }
 

@@ -65,7 +65,9 @@ def test_one_reward_per_request_step_from_the_chosen_arm(metasd4_llm):
     # Each choice is verified (and rewarded) on the next step, except the
     # choice made at each request's last step, which is never verified.
     assert good["chosen"] - len(out) <= good["drafted"] / 3 <= good["chosen"]
-    assert good["accepted"] == good["drafted"] and good["mean_reward"] == 1.0
+    assert good["accepted"] == good["drafted"]
+    # q of an exact copy of the target equals p up to bf16 numerics of another batch shape.
+    assert good["mean_reward"] == pytest.approx(1.0, abs=0.02)
 
 
 def test_bad_drafters_end_up_rarely_chosen(metasd4_llm):
@@ -146,11 +148,57 @@ def test_small_token_budget_with_chunked_prefill_stays_exact(tiny_zoo, plain_llm
         del llm
 
 
-def test_token_budget_below_max_model_len_is_refused(tiny_zoo, capfd):
-    cfg = metasd_config(tiny_zoo, ["good"])
-    with pytest.raises(Exception):
-        make_llm(tiny_zoo["target"], {"method": "metasd", "config": cfg},
-                 max_num_batched_tokens=64, max_num_seqs=8)
-    # Raised in the worker; the engine's log carries the reason and the fix.
-    logs = capfd.readouterr()
-    assert "MetaSD needs max_num_batched_tokens >= max_model_len" in logs.out + logs.err
+def test_long_prompts_with_a_token_budget_far_below_them(tiny_zoo, plain_llm):
+    """Token budget 64, ~300-token prompts (max_model_len 512): prefills are
+    chunked, and a drafter first chosen several steps into a request catches
+    up on its ~300 tokens in KV-filling passes of at most 64 tokens before it
+    drafts. UCB tries bad1, bad2, then good: good is first chosen late. Half
+    the prompts share a 250-token prefix (vLLM's prefix caching, on by
+    default, hands the later ones cached blocks). Greedy output is exact."""
+    long = " ".join(PROMPTS) * 6
+    shared = long[:1700]
+    prompts = [long[i * 40:i * 40 + 2000] for i in range(3)]
+    prompts += [shared + tail for tail in ("def add(a, b):", " 12 + 30 =", " Der Hund")]
+    reference = greedy(plain_llm, prompts, max_tokens=32)
+    cfg = metasd_config(tiny_zoo, ["bad1", "bad2", "good"], {"name": "ucb", "beta": 1.0})
+    llm = make_llm(tiny_zoo["target"], {"method": "metasd", "config": cfg},
+                   max_num_batched_tokens=64, max_num_seqs=4)
+    try:
+        tokenizer = llm.get_tokenizer()
+        assert min(len(tokenizer(p).input_ids) for p in prompts) > 250
+        assert greedy(llm, prompts, max_tokens=32) == reference
+        good = stats(llm)["drafters"]["good"]
+        assert good["chosen"] > 0 and good["accepted"] == good["drafted"] > 0
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def test_bundled_zoo_serves_900_token_prompts_with_a_128_token_budget():
+    """The zoo target's full context (1024) with a budget of 128 tokens: every
+    drafter catches up on ~900 tokens in passes of at most 128."""
+    from vllm_metasd import zoo
+
+    if not zoo.available():
+        pytest.skip("bundled zoo weights not present")
+    prompts = [p["prompt"] for p in zoo.load_prompts()]
+    text = [" ".join(prompts[i::2])[:4000] for i in range(2)]
+    plain = make_llm(zoo.target_path(), max_model_len=1024, dtype="float32")
+    try:
+        tok = plain.get_tokenizer()
+        text = [tok.decode(tok(t).input_ids[:900]) for t in text]
+        reference = greedy(plain, text, max_tokens=16)
+    finally:
+        plain.llm_engine.engine_core.shutdown()
+        del plain
+    cfg = zoo.default_metasd_config()
+    cfg["policy"] = {"name": "ucb", "beta": 1.0}
+    cfg["warm_start"] = False
+    llm = make_llm(zoo.target_path(), {"method": "metasd", "config": cfg}, max_model_len=1024,
+                   max_num_batched_tokens=128, dtype="float32")
+    try:
+        assert greedy(llm, text, max_tokens=16) == reference
+        assert sum(d["chosen"] for d in stats(llm)["drafters"].values()) > 0
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm

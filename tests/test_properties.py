@@ -16,8 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from vllm_metasd import feedback
 from vllm_metasd.core import (
-    POLICIES, ArmPrior, CatchUpTracker, RequestStateStore, acceptance_reward, bd_reward,
-    bd_reward_greedy, bd_reward_onehot_target, make_policy, segment_mean,
+    POLICIES, ArmPrior, RequestStateStore, StepController, acceptance_reward, bd_reward,
+    make_policy, segment_mean,
 )
 
 FAST = settings(max_examples=150, deadline=None,
@@ -72,10 +72,9 @@ def assert_rewards(r, counts):
 @FAST
 @given(draft_batches())
 def test_every_reward_is_in_unit_interval_or_nan_for_empty_rows(b):
-    assert_rewards(bd_reward(b["p"], b["q"], b["cu"]), b["counts"])
-    assert_rewards(bd_reward_greedy(b["p"].float().argmax(-1), b["drafts"], b["cu"]), b["counts"])
-    assert_rewards(bd_reward_onehot_target(b["p"].float().argmax(-1), b["q"], b["cu"]),
-                   b["counts"])
+    logits = (b["p"].float() + 1e-9).log()
+    assert_rewards(bd_reward(b["drafts"], b["q"], logits, b["cu"]), b["counts"])
+    assert_rewards(bd_reward(b["drafts"], None, logits, b["cu"]), b["counts"])
     values = torch.rand(len(b["drafts"]), generator=b["g"])
     assert_rewards(segment_mean(values, b["cu"]), b["counts"])
 
@@ -92,13 +91,10 @@ def test_acceptance_reward_in_unit_interval(pairs):
 @given(draft_batches(), st.sampled_from(["bd", "acceptance"]), st.data())
 def test_verification_feedback_rewards_in_unit_interval(b, kind, data):
     """The path vLLM's rejection sampler drives: arbitrary logits (any
-    temperature, -inf from top-k/top-p), greedy and random rows mixed, drafter
-    q present or not, and any rejection-sampler output (-1 = empty slot)."""
+    temperature, -inf from top-k/top-p), drafter q present or not, and any
+    rejection-sampler output (-1 = empty slot)."""
     n_rows, k, vocab = len(b["counts"]), b["k"], b["vocab"]
     logits = (b["p"].float() + 1e-9).log() * data.draw(st.floats(0.1, 10.0))
-    greedy_rows = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n_rows,
-                                                  max_size=n_rows)))
-    is_greedy = None if bool(greedy_rows.all()) else greedy_rows
     draft_probs = b["q"].float() if data.draw(st.booleans()) else None
     emitted = torch.tensor([data.draw(st.integers(1, n + 1)) for n in b["counts"]])
     output = torch.full((n_rows, k + 1), -1)
@@ -108,7 +104,7 @@ def test_verification_feedback_rewards_in_unit_interval(b, kind, data):
     if data.draw(st.booleans()):  # vLLM's -1 placeholders (resumed after preemption)
         drafts[torch.rand(len(drafts), generator=b["g"]) < 0.5] = -1
     with feedback.capture(kind) as v:
-        feedback.observe_drafts(drafts, b["counts"], b["cu"], draft_probs, logits, is_greedy)
+        feedback.observe_drafts(drafts, b["counts"], b["cu"], draft_probs, logits)
         feedback.observe_output(output)
     assert_rewards(v.rewards, b["counts"])
     assert ((0 <= v.num_accepted) & (v.num_accepted <= v.num_drafted)).all()
@@ -178,20 +174,20 @@ def test_store_keeps_any_reported_reward_in_range(policy, rewards):
 
 
 class StoreMachine(RuleBasedStateMachine):
-    """create / choose+record / finish / free_missing / tracker updates, in any
-    order, against a model (a set of live ids); finishing everything leaves the
-    store and the catch-up tracker empty."""
+    """The step controller's ledgers under create / step / finish / preempt /
+    free_missing in any order, against a model (a set of live ids): finishing
+    everything leaves no ledger behind."""
 
     def __init__(self):
         super().__init__()
-        self.store: RequestStateStore
-        self.tracker = CatchUpTracker()
+        self.ctl: StepController
         self.live: set[str] = set()
         self.choices = 0
 
     @initialize(policy=policies(), warm=st.booleans())
     def start(self, policy, warm):
-        self.store = RequestStateStore(policy, warm_start=warm)
+        self.ctl = StepController(RequestStateStore(policy, warm_start=warm))
+        self.store = self.ctl.store
 
     @rule(rid=st.integers(0, 15).map(str))
     def create(self, rid):
@@ -202,33 +198,33 @@ class StoreMachine(RuleBasedStateMachine):
           drafted=st.integers(0, 5))
     def step(self, rid, reward, drafted):
         """One engine step of a request (created on first use, as in propose)."""
-        state = self.store.get_or_create(rid)
+        arm = int(self.ctl.choose([rid], np.array([True]))[0])
         self.live.add(rid)
-        arm = self.store.choose(state)
         self.choices += 1
         assert 0 <= arm < self.store.policy.num_arms
-        self.store.record(state, arm, drafted, min(drafted, 2), reward)
-        self.tracker.mark_computed(rid, arm, drafted + 10)
+        self.ctl.mark_caught_up(arm, np.array([0]), np.array([drafted + 10]))
+        self.ctl.drafted(arm, np.array([0]), np.array([drafted]))
+        self.ctl.observe([rid], [drafted], [min(drafted, 2)], [reward])
 
     @rule(rid=st.integers(0, 15).map(str))
     def finish(self, rid):
         """Finished or aborted (also for an id never seen: a no-op)."""
-        state = self.store.free(rid)
-        self.tracker.free(rid)
-        assert (state is not None) == (rid in self.live)
+        known = self.store.get(rid) is not None
+        self.ctl.finished(rid)
+        assert known == (rid in self.live)
         self.live.discard(rid)
 
     @rule(keep=st.sets(st.integers(0, 15).map(str)))
     def free_missing(self, keep):
         gone = self.store.free_missing(keep)
-        for rid in gone:
-            self.tracker.free(rid)
         assert set(gone) == self.live - keep
         self.live &= keep
 
-    @rule(rid=st.integers(0, 15).map(str), pos=st.integers(0, 20))
-    def preempt(self, rid, pos):
-        self.tracker.invalidate(rid, from_pos=pos)  # KV shrinks; the bandit stays
+    @rule(rid=st.integers(0, 15).map(str))
+    def preempt(self, rid):
+        self.ctl.preempted_request(rid)  # KV gone; the bandit stays
+        state = self.store.get(rid)
+        assert state is None or (not state.computed and state.last_arm is None)
 
     @invariant()
     def matches_model(self):
@@ -236,13 +232,11 @@ class StoreMachine(RuleBasedStateMachine):
         snap = self.store.snapshot()
         assert snap["live_request_ids"] == sorted(self.live)
         assert sum(d["chosen"] for d in snap["drafters"].values()) == self.choices
-        assert set(self.tracker._computed) <= self.live
 
     def teardown(self):
         for rid in list(self.live):
-            self.store.free(rid)
-            self.tracker.free(rid)
-        assert len(self.store) == 0 and not self.store._states and len(self.tracker) == 0
+            self.ctl.finished(rid)
+        assert len(self.store) == 0 and not self.store._states
 
 
 TestStoreInterleavings = StoreMachine.TestCase

@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from conftest import PROMPTS, make_llm, metasd_config, stats
+import numpy as np
+
+from vllm_metasd.core import Draft
 from vllm_metasd.faults import (
-    FAULT_ENV, GARBAGE_KINDS, DraftError, checked_draft, corrupt_draft, parse_fault_injection,
+    FAULT_ENV, GARBAGE_KINDS, DraftError, check_draft, corrupt_draft, parse_fault_injection,
 )
 
 MAX_TOKENS = 24
@@ -90,14 +93,22 @@ def same_where(got, want, mask):
 # ---- drafter output validation (no engine) -----------------------------------------
 
 
+def ngram_draft():
+    """Partial and empty n-gram drafts: ids padded to k, valid lengths."""
+    ids = np.array([[1, 2, 3, 0], [0, 0, 0, 0], [VOCAB - 1, 0, 0, 0]], dtype=np.int32)
+    return Draft(ids, lengths=np.array([3, 0, 1], dtype=np.int32))
+
+
 def test_valid_drafts_pass_validation():
     g = torch.Generator().manual_seed(0)
     draft = torch.randint(0, VOCAB, (3, 4), generator=g)
     q = torch.randn(3, 4, VOCAB, generator=g).softmax(-1)
-    assert checked_draft(draft, q, 3, 4, VOCAB, need_q=True) == draft.tolist()
-    assert checked_draft(draft[:, :2], None, 3, 4, VOCAB) == draft[:, :2].tolist()
-    ngram = [[1, 2, 3], [], [VOCAB - 1]]  # partial and empty n-gram drafts
-    assert checked_draft(ngram, None, 3, 4, VOCAB) == ngram
+    ids, lengths = check_draft(Draft(draft, q=q), 3, 4, VOCAB, need_q=True)
+    assert ids.tolist() == draft.tolist() and lengths.tolist() == [4, 4, 4]
+    ids, lengths = check_draft(Draft(draft[:, :2]), 3, 4, VOCAB)
+    assert ids.tolist() == draft[:, :2].tolist() and lengths.tolist() == [2, 2, 2]
+    ids, lengths = check_draft(ngram_draft(), 3, 4, VOCAB)
+    assert [row[:n] for row, n in zip(ids.tolist(), lengths)] == [[1, 2, 3], [], [VOCAB - 1]]
 
 
 @pytest.mark.parametrize("kind", GARBAGE_KINDS)
@@ -106,11 +117,11 @@ def test_every_garbage_kind_is_rejected(kind, shape):
     g = torch.Generator().manual_seed(1)
     draft = torch.randint(0, VOCAB, (3, 4), generator=g)
     q = torch.randn(3, 4, VOCAB, generator=g).softmax(-1)
-    raw = {"lm_sampled": (draft, q), "lm_greedy": (draft, None),
-           "ngram": ([[5, 6], [], [7, 8, 9]], None)}[shape]
-    bad_ids, bad_q = corrupt_draft(*raw, VOCAB, kind)
+    raw = {"lm_sampled": Draft(draft, q=q), "lm_greedy": Draft(draft),
+           "ngram": ngram_draft()}[shape]
     with pytest.raises(DraftError):
-        checked_draft(bad_ids, bad_q, 3, 4, VOCAB, need_q=shape == "lm_sampled")
+        check_draft(corrupt_draft(raw, VOCAB, kind), 3, 4, VOCAB,
+                    need_q=shape == "lm_sampled")
 
 
 @pytest.mark.parametrize("ids_, q, problem", [
@@ -121,7 +132,7 @@ def test_every_garbage_kind_is_rejected(kind, shape):
 ])
 def test_inconsistent_drafts_are_rejected(ids_, q, problem):
     with pytest.raises(DraftError, match=problem):
-        checked_draft(ids_, q, 3, 4, VOCAB, need_q=True)
+        check_draft(Draft(ids_, q=q), 3, 4, VOCAB, need_q=True)
 
 
 def test_drafted_token_with_zero_probability_is_rejected():
@@ -130,7 +141,7 @@ def test_drafted_token_with_zero_probability_is_rejected():
     q = torch.zeros(1, 2, VOCAB)
     q[..., 7] = 1.0
     with pytest.raises(DraftError, match="probability 0"):
-        checked_draft(torch.tensor([[7, 8]]), q, 1, 2, VOCAB)
+        check_draft(Draft(torch.tensor([[7, 8]]), q=q), 1, 2, VOCAB)
 
 
 def test_fault_injection_spec():

@@ -90,7 +90,7 @@ def test_merge_stats_sums_and_recomputes_rates():
 
     def rank(chosen, drafted, accepted, count, mean, digest="d"):
         return {"drafters": {"a": {"chosen": chosen, "drafted": drafted, "accepted": accepted,
-                                   "reward_count": count, "mean_reward": mean}},
+                                   "reward_count": count, "reward_sum": mean * count}},
                 "steps": 3, "overhead_s": 0.5, "live_requests": 0,
                 "arm_choices": {"count": chosen, "digest": digest}}
 

@@ -117,6 +117,7 @@ class MetaSDConfig(_Strict):
     drafters: list[Drafter] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     reward: Literal["bd", "acceptance"] = "bd"
+    objective: Literal["alignment", "throughput"] = "alignment"
     seed: int = Field(default=0, ge=0)
     warm_start: bool = False
     log_stats_interval_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
@@ -173,6 +174,7 @@ _HINTS = {
     "name": "use letters, digits, '_' or '-' only",
     "path": "give the drafter's model directory (config.json + weights)",
     "reward": "use 'bd' (block divergence) or 'acceptance'",
+    "objective": "use 'throughput' (expected tokens per second of the step) or 'alignment'",
     "seed": "use an integer >= 0",
     "warm_start": "use true or false",
     "log_stats_interval_s": "use a finite number of seconds >= 0 (0 disables the periodic log)",

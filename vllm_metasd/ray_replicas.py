@@ -154,30 +154,14 @@ def merge_stats(per_replica: list[list[dict | None]]) -> dict:
     """Sum per-drafter counters over replicas (``metasd_stats`` of each replica,
     one dict per TP rank; rank 0 counts, the ranks' arm-choice digests must
     agree). Rates and mean rewards are recomputed from the sums."""
+    from vllm_metasd.telemetry import merge_snapshots
+
     ranks0 = [ranks[0] for ranks in per_replica if ranks and ranks[0] is not None]
     if not ranks0:
         return {"replicas": len(per_replica), "drafters": {}}
-    drafters: dict[str, dict[str, float]] = {}
-    for s in ranks0:
-        for name, d in s["drafters"].items():
-            m = drafters.setdefault(name, {"chosen": 0, "drafted": 0, "accepted": 0,
-                                           "reward_count": 0, "reward_sum": 0.0})
-            for key in ("chosen", "drafted", "accepted", "reward_count"):
-                m[key] += d[key]
-            m["reward_sum"] += d["mean_reward"] * d["reward_count"]
-    for m in drafters.values():
-        m["acceptance_rate"] = m["accepted"] / m["drafted"] if m["drafted"] else 0.0
-        m["mean_reward"] = m["reward_sum"] / m["reward_count"] if m["reward_count"] else 0.0
-        del m["reward_sum"]
-    total_chosen = sum(m["chosen"] for m in drafters.values())
-    for m in drafters.values():
-        m["share"] = m["chosen"] / total_chosen if total_chosen else 0.0
     return {
         "replicas": len(per_replica),
-        "drafters": drafters,
-        "steps": sum(s["steps"] for s in ranks0),
-        "overhead_s": sum(s["overhead_s"] for s in ranks0),
-        "live_requests": sum(s["live_requests"] for s in ranks0),
+        **merge_snapshots(ranks0),
         "ranks_agree": all(
             len({_digest(r) for r in ranks}) == 1 for ranks in per_replica if ranks),
         "per_replica": [ranks[0] if ranks else None for ranks in per_replica],

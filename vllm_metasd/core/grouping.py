@@ -1,16 +1,19 @@
-"""Bookkeeping the proposer needs each step: rows per arm, and drafter catch-up.
+"""Rows per arm, and how a draft LM's catch-up splits into forward passes.
 
 Catch-up: a draft LM holds KV for a request only up to the tokens it has
-processed. A drafter not chosen for some steps misses the tokens generated
-meanwhile and must process them before drafting again (MetaSD's switching
-cost). ``CatchUpTracker`` remembers, per (request, drafter), how many leading
-tokens have valid drafter KV.
+processed (the request's ledger, ``RequestState.computed``). A drafter not
+chosen for some steps misses the tokens generated meanwhile and must process
+them before drafting again (MetaSD's switching cost).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+
+# A pass over tokens [s, e) feeds tokens [s, e-1) plus the newest one; a
+# KV-filling chunk leaves at least this many tokens for the drafting pass.
+MIN_PASS = 2
 
 
 def group_rows_by_arm(arms: Sequence[int] | np.ndarray, num_arms: int) -> list[np.ndarray]:
@@ -24,65 +27,38 @@ def group_rows_by_arm(arms: Sequence[int] | np.ndarray, num_arms: int) -> list[n
     return [order[bounds[a]:bounds[a + 1]] for a in range(num_arms)]
 
 
-def plan_catch_up(starts: np.ndarray, ends: np.ndarray, budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def plan_catch_up(starts: np.ndarray, ends: np.ndarray, budget: int
+                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
     """Split one arm's rows into forward passes of at most ``budget`` tokens.
 
-    Row i must process tokens [starts[i], ends[i]) before drafting. Returns
-    (row indices, end per row) per pass. A row whose catch-up alone exceeds
-    the budget gets a pass of its own that stops ``budget`` tokens later: that
-    pass only fills KV (its draft is discarded) and the row catches up over
-    several steps, never drafting from unfilled KV.
+    Row i must process tokens [starts[i], ends[i]) (ends[i] - starts[i] >=
+    MIN_PASS) and then draft. Returns passes ``(rows, starts, ends, drafts)``.
+    A row longer than the budget first gets KV-filling passes of its own
+    (``drafts`` False: their drafts are discarded) of at most ``budget`` tokens,
+    in order, until the rest fits; every row then appears in exactly one
+    drafting pass, which ends at ends[i]. Rows keep their order within passes.
     """
-    if budget < 2:
-        raise ValueError(f"catch-up budget must be >= 2 tokens, got {budget}")
+    if budget < 2 * MIN_PASS:
+        raise ValueError(f"catch-up budget must be >= {2 * MIN_PASS} tokens, got {budget}")
+    starts = np.array(starts, dtype=np.int64)
+    ends = np.asarray(ends, dtype=np.int64)
+    passes = []
+    for i in np.flatnonzero(ends - starts > budget).tolist():
+        s = int(starts[i])
+        while ends[i] - s > budget:
+            e = min(s + budget, int(ends[i]) - MIN_PASS)
+            passes.append((np.array([i]), np.array([s]), np.array([e]), False))
+            s = e
+        starts[i] = s
     need = ends - starts
-    passes, rows, used = [], [], 0
-    for i in np.argsort(need, kind="stable"):
-        if need[i] > budget:
-            passes.append((np.array([i]), np.array([starts[i] + budget])))
-            continue
-        if used + need[i] > budget:
-            passes.append((np.array(rows), ends[rows]))
-            rows, used = [], 0
-        rows.append(i)
-        used += need[i]
-    if rows:
-        passes.append((np.array(rows), ends[rows]))
+    if need.sum() <= budget:  # the common case: one pass
+        return passes + [(np.arange(len(starts)), starts, ends, True)]
+    group, used = [], 0
+    for i, n in enumerate(need.tolist()):
+        if used + n > budget:
+            passes.append((np.array(group), starts[group], ends[group], True))
+            group, used = [], 0
+        group.append(i)
+        used += n
+    passes.append((np.array(group), starts[group], ends[group], True))
     return passes
-
-
-class CatchUpTracker:
-    """Per (request, arm): number of leading tokens whose KV the drafter holds.
-    A dict of small per-request dicts (arm -> count): O(1) per operation, and
-    arms never chosen for a request cost nothing."""
-
-    def __init__(self) -> None:
-        self._computed: dict[str, dict[int, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._computed)
-
-    def __contains__(self, req_id: str) -> bool:
-        return req_id in self._computed
-
-    def computed(self, req_id: str, arm: int) -> int:
-        return self._computed.get(req_id, {}).get(arm, 0)
-
-    def pending(self, req_id: str, arm: int, seq_len: int) -> int:
-        """Tokens the drafter must process before it can draft at ``seq_len``."""
-        return max(seq_len - self.computed(req_id, arm), 0)
-
-    def mark_computed(self, req_id: str, arm: int, n: int) -> None:
-        self._computed.setdefault(req_id, {})[arm] = n
-
-    def invalidate(self, req_id: str, arm: int | None = None, *, from_pos: int) -> None:
-        """KV at positions >= from_pos is no longer valid, for one arm or all
-        (rejected draft tokens, preemption): the valid prefix shrinks to from_pos."""
-        arms = self._computed.get(req_id)
-        if not arms:
-            return
-        for a in (arms if arm is None else [arm] if arm in arms else []):
-            arms[a] = min(arms[a], from_pos)
-
-    def free(self, req_id: str) -> None:
-        self._computed.pop(req_id, None)

@@ -10,6 +10,9 @@ Partial drafts are normalised by what was drafted (n_i), not by k: the paper's
 1/N_max assumes full blocks, and dividing a 2-token draft by k=4 would punish
 a drafter (e.g. n-gram lookup that found a short match) for drafting less,
 although its alignment on what it drafted is what the reward measures.
+
+:func:`bd_reward` is the reward the engine computes at verification
+(``vllm_metasd.feedback``) and the one the hand-computed tests check.
 """
 from __future__ import annotations
 
@@ -33,30 +36,39 @@ def segment_mean(values: torch.Tensor, cu_num_draft_tokens: torch.Tensor) -> tor
     return sums / counts  # 0 / 0 = NaN marks rows with nothing drafted
 
 
-def bd_reward(target_probs: torch.Tensor, draft_probs: torch.Tensor,
-              cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
-    """Block-divergence reward per row: ``1/n_i * sum_j (1 - TV(p_j, q_j))``.
+def token_alignment(
+    draft_token_ids: torch.Tensor,  # [T]
+    draft_probs: torch.Tensor | None,  # [T, V] drafter q, or None (deterministic drafts)
+    target_logits: torch.Tensor,  # [T, V] as the rejection sampler sees them
+) -> torch.Tensor:
+    """``1 - TV(p_j, q_j) = sum_v min(p_j(v), q_j(v))`` per drafted position,
+    at every temperature, from the full distributions (the paper's BD).
 
-    For distributions, ``1 - TV(p, q) = 1 - 0.5 * sum|p - q| = sum min(p, q)``.
-    The min form is used: one [T, V] temporary instead of three, and exact in
-    bf16 (min picks a value, a difference would round).
+    p = softmax of the target logits as verification sees them (temperature,
+    top-k, top-p applied; at temperature 0 vLLM leaves them raw, so p is the
+    target's own distribution). q = the drafter's distribution; a
+    deterministic draft (n-gram, or no q) is q = one-hot(d), for which
+    ``1 - TV = p[d]``. The min form is one [T, V] temporary and exact in bf16.
+
+    A draft id -1 is vLLM's placeholder (a request resumed after preemption
+    gets padded drafts, always rejected): it scores 0.
     """
-    overlap = torch.minimum(target_probs, draft_probs).sum(dim=-1, dtype=torch.float32)
-    return segment_mean(overlap.clamp_(0.0, 1.0), cu_num_draft_tokens)
+    p = target_logits.softmax(dim=-1, dtype=torch.float32)
+    vocab = p.shape[-1]
+    valid = (draft_token_ids >= 0) & (draft_token_ids < vocab)
+    if draft_probs is None:
+        safe = draft_token_ids.long().clamp(0, vocab - 1)
+        soft = p.gather(1, safe.unsqueeze(1)).squeeze(1)
+    else:
+        soft = torch.minimum(p, draft_probs.float()).sum(dim=-1)
+    return torch.where(valid, soft.clamp_(0.0, 1.0), torch.zeros_like(soft))
 
 
-def bd_reward_greedy(target_argmax: torch.Tensor, draft_token_ids: torch.Tensor,
-                     cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
-    """One-hot p and q (greedy target, deterministic drafter): 1 - TV is 1 when
-    the tokens agree, else 0, so the reward is the fraction of matching positions."""
-    return segment_mean((target_argmax == draft_token_ids).float(), cu_num_draft_tokens)
-
-
-def bd_reward_onehot_target(target_argmax: torch.Tensor, draft_probs: torch.Tensor,
-                            cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
-    """Greedy target (p = onehot(a)) against a soft draft q: ``1 - TV = q[a]``."""
-    q_at = draft_probs.gather(1, target_argmax.long().unsqueeze(1)).squeeze(1)
-    return segment_mean(q_at.float().clamp_(0.0, 1.0), cu_num_draft_tokens)
+def bd_reward(draft_token_ids: torch.Tensor, draft_probs: torch.Tensor | None,
+              target_logits: torch.Tensor, cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """Block-divergence reward per row: ``1/n_i * sum_j (1 - TV(p_j, q_j))``."""
+    return segment_mean(token_alignment(draft_token_ids, draft_probs, target_logits),
+                        cu_num_draft_tokens)
 
 
 def acceptance_reward(num_accepted: torch.Tensor, num_drafted: torch.Tensor) -> torch.Tensor:

@@ -31,19 +31,20 @@ class DrafterStats:
         """Per-arm mean reward; NaN for arms never rewarded."""
         return [s / c if c else math.nan for s, c in zip(self.reward_sum, self.reward_count)]
 
-    def as_dict(self, names: list[str]) -> dict[str, dict[str, float]]:
-        return {
-            name: {
-                "chosen": self.chosen[i],
-                "drafted": self.drafted[i],
-                "accepted": self.accepted[i],
-                "acceptance_rate": self.accepted[i] / self.drafted[i] if self.drafted[i] else 0.0,
-                "reward_count": self.reward_count[i],
-                "mean_reward": (self.reward_sum[i] / self.reward_count[i]
-                                if self.reward_count[i] else 0.0),
-            }
-            for i, name in enumerate(names)
-        }
+    def as_dict(self, names: list[str]) -> dict[str, dict[str, float | None]]:
+        """Per arm: the sums, and the rates derived from them (None: no data)."""
+        return {name: derived({"chosen": self.chosen[i], "drafted": self.drafted[i],
+                               "accepted": self.accepted[i],
+                               "reward_count": self.reward_count[i],
+                               "reward_sum": self.reward_sum[i]})
+                for i, name in enumerate(names)}
+
+
+def derived(d: dict) -> dict:
+    """One drafter's sums plus their rates; None where there is nothing to average."""
+    return {**d,
+            "acceptance_rate": d["accepted"] / d["drafted"] if d["drafted"] else None,
+            "mean_reward": d["reward_sum"] / d["reward_count"] if d["reward_count"] else None}
 
 
 @dataclasses.dataclass(slots=True)
@@ -51,6 +52,9 @@ class RequestState:
     bandit: BanditState
     stats: DrafterStats
     last_arm: int | None = None  # arm whose drafts await verification
+    # Per arm: leading tokens of this request whose drafter KV is valid (an arm
+    # never chosen for the request has no entry and costs nothing).
+    computed: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class RequestStateStore:
@@ -78,6 +82,10 @@ class RequestStateStore:
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._states
 
+    def states(self):
+        """The live requests' ledgers."""
+        return self._states.values()
+
     def get(self, req_id: str) -> RequestState | None:
         return self._states.get(req_id)
 
@@ -94,10 +102,14 @@ class RequestStateStore:
     def choose(self, state: RequestState) -> int:
         """The policy's arm for this step, counted as chosen and kept as ``last_arm``."""
         arm = self.policy.select(state.bandit)
+        self.assign(state, arm)
+        return arm
+
+    def assign(self, state: RequestState, arm: int) -> None:
+        """``arm`` drafts for the request this step (chosen by the caller)."""
         state.stats.chosen[arm] += 1
         self.totals.chosen[arm] += 1
         state.last_arm = arm
-        return arm
 
     def record(self, state: RequestState, arm: int, drafted: int, accepted: int,
                reward: float) -> None:

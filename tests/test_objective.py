@@ -1,0 +1,97 @@
+"""The throughput objective: arms chosen by expected tokens per second (no vLLM)."""
+import numpy as np
+import pytest
+
+from vllm_metasd.core import RequestStateStore, StepController, make_policy
+from vllm_metasd.core.objective import (
+    LinearCost, StepCosts, choose_by_throughput, expected_tokens,
+)
+
+K = 4
+
+
+def costs(target_fixed=4e-3, per_token=0.0, arm_fixed=(0.0, 0.0), arm_per_row=(0.0, 0.0)):
+    return StepCosts(target_fixed, per_token, np.array(arm_fixed, float),
+                     np.array(arm_per_row, float))
+
+
+def test_expected_tokens_is_the_sd_bound():
+    assert expected_tokens(np.array([0.0]), K)[0] == pytest.approx(1.0)
+    assert expected_tokens(np.array([0.5]), K)[0] == pytest.approx((1 - 0.5 ** 5) / 0.5)
+    assert expected_tokens(np.array([1.0]), K)[0] == pytest.approx(K + 1, rel=0.01)
+
+
+def test_cheap_arm_with_lower_acceptance_wins_when_faster():
+    # Arm 0: a draft LM, alpha .8 (3.36 tokens/step) for 4 ms of drafting;
+    # arm 1: n-gram, alpha .5 (1.94 tokens/step) for free. Target step 4 ms:
+    # LM 3.36 / 8 ms = 420 tok/s < n-gram 1.94 / 4 ms = 484 tok/s.
+    tokens = expected_tokens(np.array([[0.8, 0.5]]), K)
+    choice = choose_by_throughput(tokens, np.zeros((1, 2)), costs(arm_fixed=(4e-3, 0.0)), K)
+    assert choice.tolist() == [1]
+    # A cheaper LM (1 ms): 3.36 / 5 ms = 672 tok/s beats the n-gram.
+    choice = choose_by_throughput(tokens, np.zeros((1, 2)), costs(arm_fixed=(1e-3, 0.0)), K)
+    assert choice.tolist() == [0]
+
+
+def test_no_draft_when_verification_costs_more_than_drafts_yield():
+    # Compute-bound target (large batch): each verified token costs as much as
+    # a step's fixed part. Drafting 4 tokens at alpha .3 cannot pay.
+    tokens = expected_tokens(np.full((8, 2), 0.3), K)
+    c = costs(target_fixed=1e-3, per_token=1e-3, arm_fixed=(2e-3, 0.0), arm_per_row=(1e-4, 0.0))
+    assert (choose_by_throughput(tokens, np.zeros((8, 2)), c, K) == -1).all()
+
+
+def test_opening_a_second_group_must_pay_for_itself():
+    # 8 rows: arm 0 is the best for all (alpha .8), arm 1 slightly better for
+    # half of them (.82). Its own forward costs 3 ms: not worth a second group.
+    alpha = np.full((8, 2), [0.8, 0.7])
+    alpha[:4, 1] = 0.82
+    tokens = expected_tokens(alpha, K)
+    c = costs(arm_fixed=(3e-3, 3e-3), arm_per_row=(1e-5, 1e-5))
+    assert set(choose_by_throughput(tokens, np.zeros((8, 2)), c, K).tolist()) == {0}
+    # Two specialists, each far better on its half of the batch: both groups pay.
+    alpha = np.array([[0.1, 0.99]] * 4 + [[0.99, 0.1]] * 4)
+    tokens = expected_tokens(alpha, K)
+    assert choose_by_throughput(tokens, np.zeros((8, 2)), c, K).tolist() == [1] * 4 + [0] * 4
+
+
+def test_catch_up_cost_keeps_rows_where_their_kv_is():
+    tokens = expected_tokens(np.array([[0.8, 0.81]]), K)
+    catch_up = np.array([[0.0, 5e-3]])  # arm 1 would first process 300 missed tokens
+    assert choose_by_throughput(tokens, catch_up, costs(arm_fixed=(1e-3, 1e-3)), K).tolist() == [0]
+
+
+def test_linear_cost_recovers_fixed_and_slope():
+    c = LinearCost()
+    assert not c.seen
+    for n in (1, 4, 16, 64) * 5:
+        c.add(n, 2e-3 + 1e-4 * n)
+    fixed, slope = c.fit()
+    assert fixed == pytest.approx(2e-3, rel=1e-3) and slope == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_controller_switches_to_throughput_once_costs_are_measured():
+    store = RequestStateStore(make_policy("ucb", 2, beta=1.0))
+    ctl = StepController(store, k=K, objective="throughput", free_arms=[False, True])
+    seq = np.array([100, 100])
+    first = ctl.choose(["a", "b"], np.array([True, True]), seq)  # no costs yet: the policy
+    assert (first >= 0).all()
+    ctl.observe_step_time(10, 4e-3)
+    ctl.observe_group_time(0, 2, 4e-3)  # the LM: as costly as the target step
+    ctl.observe_group_time(1, 2, 1e-5)
+    for req in ("a", "b"):  # the LM aligns a little better than the n-gram
+        s = store.get(req)
+        s.stats.reward_sum[:], s.stats.reward_count[:] = [80.0, 50.0], [100, 100]
+    assert ctl.choose(["a", "b"], np.array([True, True]), seq).tolist() == [1, 1]
+    assert store.get("a").last_arm == 1 and store.totals.chosen[1] >= 2
+
+
+def test_full_information_updates_estimates_not_drafter_statistics():
+    store = RequestStateStore(make_policy("ucb", 2, beta=1.0))
+    ctl = StepController(store, k=K, free_arms=[False, True])
+    ctl.choose(["a"], np.array([True]))
+    store.get("a").last_arm = 0
+    ctl.full_information(1, ["a", "gone"], [0.75, 1.0])
+    s = store.get("a")
+    assert s.stats.reward_count[1] == 1 and s.stats.reward_sum[1] == 0.75
+    assert store.totals.reward_count[1] == 0 and s.stats.drafted[1] == 0

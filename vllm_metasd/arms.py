@@ -1,0 +1,225 @@
+"""The drafters MetaSD chooses between, behind one interface.
+
+    arm.draft(step: DraftStep) -> Draft
+
+``DraftStep`` is what every arm may read for its rows (the runner's token
+buffer in place, the block table, sampling metadata); ``Draft`` is what it
+proposes. Two kinds:
+
+- ``DraftLMArm``: a draft LM, vLLM's own ``DraftModelProposer`` under a layer
+  prefix of its own (its KV lives in vLLM's paged cache beside the target's,
+  sharing each request's block table). Before drafting it catches up on the
+  tokens of each row it has not processed (the switching cost of MetaSD), in
+  forward passes that fit its token buffers.
+- ``NgramArm``: prompt lookup with vLLM's own numba matcher, reading the
+  runner's ``token_ids_cpu`` in place, as vLLM's ``NgramProposer`` does.
+
+Tensors handed to vLLM live on the runner's device; the CPU side (token
+buffer, per-row lengths) is numpy, copied through ``CpuGpuBuffer`` pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from vllm.config import SpeculativeConfig
+from vllm.model_executor.model_loader import get_model
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+from vllm.v1.utils import CpuGpuBuffer
+
+from vllm_metasd.core import plan_catch_up
+from vllm_metasd.core.draft import Draft, DraftStep
+
+
+def drafter_speculative_config(spec: SpeculativeConfig, model: str) -> SpeculativeConfig:
+    """vLLM's draft-model config for one more drafter, sharing spec's settings.
+
+    (vLLM's ``replace`` re-runs ``__post_init__``, which cannot re-validate a
+    draft-model SpeculativeConfig built from a resolved one, so the config is
+    built from the user-level fields.)
+    """
+    return SpeculativeConfig(
+        method="draft_model",
+        model=model,
+        num_speculative_tokens=spec.num_speculative_tokens,
+        draft_sample_method=spec.draft_sample_method,
+        draft_tensor_parallel_size=spec.draft_parallel_config.tensor_parallel_size,
+        max_model_len=spec.max_model_len,
+        enforce_eager=spec.enforce_eager,
+        target_model_config=spec.target_model_config,
+        target_parallel_config=spec.target_parallel_config,
+    )
+
+
+class DraftLMArm(DraftModelProposer):
+    """One draft LM. ``keep_q``: return its distribution q at temperature 0 too
+    (the block-divergence reward needs it; vLLM computes q only when sampling)."""
+
+    deterministic = False
+
+    def __init__(self, vllm_config, device, runner, prefix: str, keep_q: bool = False):
+        self.prefix = prefix
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self.keep_q = keep_q
+        self.forward_s = 0.0  # time in this arm's drafting forwards (telemetry)
+        max_tokens = self.max_num_tokens
+        max_reqs = vllm_config.scheduler_config.max_num_seqs
+
+        def buf(n, dtype):
+            return CpuGpuBuffer(n, dtype=dtype, device=device)
+
+        self._tok = buf(max_tokens, torch.int32)
+        self._pos = buf(max_tokens, torch.int64)
+        self._tok_row = buf(max_tokens, torch.int64)
+        self._qsl = buf(max_reqs + 1, torch.int32)
+        self._seq = buf(max_reqs, torch.int32)
+        self._next = buf(max_reqs, torch.int32)
+        self._rows = buf(max_reqs, torch.int64)
+
+    def _get_model(self) -> torch.nn.Module:
+        from vllm.compilation.backends import set_model_tag
+
+        with set_model_tag(self.prefix):
+            return get_model(vllm_config=self._create_draft_vllm_config(), prefix=self.prefix)
+
+    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        if self.keep_q and sampling_metadata.all_greedy:
+            logits = self.model.compute_logits(hidden_states)
+            return logits.argmax(dim=-1), logits.softmax(dim=-1, dtype=torch.float32)
+        return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+
+    def draft(self, step: DraftStep) -> Draft:
+        lens = step.seq_lens[step.rows].astype(np.int64)
+        # At least one known token is re-fed so no row's query is empty
+        # (rewriting a KV slot with the same token is idempotent).
+        starts = np.clip(np.minimum(step.starts, lens - 2), 0, None)
+        passes = plan_catch_up(starts, lens, self.max_num_tokens)
+        if len(passes) == 1:
+            idx, s, e, _ = passes[0]
+            ids, q = self._forward(step, step.rows[idx], s, e, step.k)
+            return Draft(ids, q=q, computed=lens)
+        ids, qs, order = [], [], []
+        for idx, s, e, drafts in passes:  # long catch-ups: KV-filling passes first
+            i, q = self._forward(step, step.rows[idx], s, e, step.k if drafts else 1)
+            if drafts:
+                ids.append(i)
+                qs.append(q)
+                order.append(idx)
+        back = torch.as_tensor(np.argsort(np.concatenate(order)), device=self.device)
+        q = None if qs[0] is None else torch.cat(qs)[back]
+        return Draft(torch.cat(ids)[back], q=q, computed=lens)
+
+    def _forward(self, step: DraftStep, rows: np.ndarray, starts: np.ndarray,
+                 ends: np.ndarray, k: int):
+        """One forward over tokens [start, end) of each row, then k drafts after end-1.
+        Tokens [start, end-1) are vLLM's "target" inputs; token end-1 is the newest,
+        appended by the draft-model first pass."""
+        n = len(rows)
+        q_lens = ends - 1 - starts
+        qsl = self._qsl.np
+        qsl[0] = 0
+        np.cumsum(q_lens, out=qsl[1:n + 1])
+        total = int(qsl[n])
+        tok_row = np.repeat(np.arange(n), q_lens)
+        pos = self._pos.np[:total]
+        np.subtract(np.arange(total), qsl[tok_row], out=pos)
+        pos += starts[tok_row]
+        self._tok_row.np[:total] = tok_row
+        self._tok.np[:total] = step.token_ids[rows[tok_row], pos]
+        self._next.np[:n] = step.token_ids[rows, ends - 1]
+        self._seq.np[:n] = ends - 1
+        self._rows.np[:n] = rows
+        tokens, positions = self._tok.copy_to_gpu(total), self._pos.copy_to_gpu(total)
+        tok_rows, rows_t = self._tok_row.copy_to_gpu(total), self._rows.copy_to_gpu(n)
+        seq_lens = self._seq.copy_to_gpu(n)
+        block_table = step.block_table[rows_t]
+        bs = self.block_size
+        slot_mapping = block_table[tok_rows, positions // bs].long() * bs + positions % bs
+        cad = CommonAttentionMetadata(
+            query_start_loc=self._qsl.copy_to_gpu(n + 1),
+            query_start_loc_cpu=self._qsl.cpu[:n + 1],
+            seq_lens=seq_lens,
+            seq_lens_cpu_upper_bound=self._seq.cpu[:n].clone(),  # vLLM bumps it in place
+            num_reqs=n,
+            num_actual_tokens=total,
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(ends.max()) - 1,
+            block_table_tensor=block_table,
+            slot_mapping=slot_mapping,
+            causal=True,
+        )
+        t0 = time.perf_counter()
+        ids = self.propose(
+            num_speculative_tokens=k,
+            target_token_ids=tokens,
+            target_positions=positions,
+            target_hidden_states=self.hidden_states[:total],
+            next_token_ids=self._next.copy_to_gpu(n),
+            token_indices_to_sample=None,
+            common_attn_metadata=cad,
+            sampling_metadata=_select_rows(step.sampling_metadata, rows_t),
+        )
+        q = self.take_last_draft_probs() if step.want_q else None
+        self.forward_s += time.perf_counter() - t0
+        return ids, q
+
+
+class NgramArm:
+    deterministic = True  # drafts are exact lookups: q is one-hot
+
+    """Prompt lookup (vLLM's numba matcher) over the runner's token buffer."""
+
+    def __init__(self, vllm_config, k: int, min_n: int, max_n: int):
+        self.min_n, self.max_n, self.k = min_n, max_n, k
+        self.max_model_len = vllm_config.model_config.max_model_len
+        max_reqs = vllm_config.scheduler_config.max_num_seqs
+        self._ids = np.zeros((max_reqs, k), dtype=np.int32)
+        self._num = np.zeros(max_reqs, dtype=np.int32)
+        # Compile once now, with the argument types of every later call.
+        self._match([0], np.full(1, 2, dtype=np.int32), np.zeros((1, 2), dtype=np.int32), k)
+
+    def _match(self, rows: list[int], seq_lens, token_ids, k: int) -> None:
+        import numba
+
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)  # as vLLM below 8192 tokens: threads cost more
+        try:
+            batch_propose_numba(rows, seq_lens, token_ids, self.min_n, self.max_n,
+                                self.max_model_len, k, self._ids, self._num)
+        finally:
+            numba.set_num_threads(threads)
+
+    def draft(self, step: DraftStep) -> Draft:
+        self._match(step.rows.tolist(), step.seq_lens, step.token_ids, step.k)
+        return Draft(self._ids[step.rows, :step.k], lengths=self._num[step.rows])
+
+
+def _select_rows(sampling_metadata, rows: torch.Tensor):
+    """The sampling metadata restricted to one arm's rows (only temperature is
+    used when drafting, as in vLLM's own draft-model proposer)."""
+    if sampling_metadata.all_greedy or sampling_metadata.temperature is None:
+        return sampling_metadata
+    return dataclasses.replace(sampling_metadata,
+                               temperature=sampling_metadata.temperature[rows])
+
+
+def build_arms(vllm_config, device, runner, drafters, keep_q: bool) -> list:
+    """One arm per metasd.json drafter. A draft LM's vLLM config is the
+    runner's with its own speculative config (``dataclasses.replace``: the
+    rest, forward context included, is shared)."""
+    spec = vllm_config.speculative_config
+    k = spec.num_speculative_tokens
+    arms = []
+    for i, d in enumerate(drafters):
+        if d.kind == "ngram":
+            arms.append(NgramArm(vllm_config, k, d.prompt_lookup_min, d.prompt_lookup_max))
+            continue
+        arm_cfg = dataclasses.replace(
+            vllm_config, speculative_config=drafter_speculative_config(spec, d.path))
+        arms.append(DraftLMArm(arm_cfg, device, runner,
+                               prefix=f"metasd_drafter_{i}_{d.name}", keep_q=keep_q))
+    return arms

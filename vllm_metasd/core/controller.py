@@ -1,0 +1,222 @@
+"""The step controller: MetaSD's rules for one engine step, without vLLM.
+
+One ledger per request (its ``RequestState``: bandit, statistics, the arm
+awaiting verification, and how far each drafter's KV reaches), created on the
+request's first step and freed by one call. The rules:
+
+- a request's bandit picks its arm; a disabled arm earns 0 and the policy
+  chooses again (at most once per arm), else the row drafts nothing this step;
+- an arm that proposed nothing (prompt lookup found no match) earns 0 at once:
+  the step yields one token, the worst outcome, and without the 0 UCB would
+  keep choosing it;
+- an arm that raised or returned garbage: its rows draft nothing this step and
+  earn 0, their drafter KV for that arm is forgotten; after
+  ``MAX_ARM_FAILURES`` consecutive failures the arm is disabled for good;
+- verification feedback updates the bandit of the arm that drafted;
+- preemption frees the request's drafter KV and drops its pending choice (its
+  draft is never verified); resumption or a re-used id start from no KV;
+- objective "throughput": the whole step's arms are chosen together by
+  expected tokens per second (``core.objective``), from each request's
+  optimistic per-arm acceptance and costs measured online (the target's step
+  time per token, each arm group's drafting time); a row may draft nothing.
+  Arms whose would-be drafts cost nothing to score (n-gram) also learn from
+  every verified step (full information).
+
+``propose`` in vllm_metasd/proposer.py and benchmarks/replay.py both drive it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from vllm_metasd.core.objective import (
+    LinearCost, StepCosts, choose_by_throughput, expected_tokens,
+)
+from vllm_metasd.core.state import RequestState, RequestStateStore
+
+logger = logging.getLogger("vllm.metasd")
+
+MAX_ARM_FAILURES = 3
+
+
+class StepController:
+    """``k``: drafted tokens per step; ``free_arms``: arms whose drafting costs
+    no model forward (n-gram); ``beta``: the throughput objective's UCB weight."""
+
+    def __init__(self, store: RequestStateStore, k: int = 4, objective: str = "alignment",
+                 free_arms: Sequence[bool] | None = None, beta: float = 0.1):
+        self.store = store
+        n = store.policy.num_arms
+        self.num_arms = n
+        self.k, self.objective, self.beta = k, objective, beta
+        self.free_arms = np.array(free_arms if free_arms is not None else [False] * n)
+        self.target_cost = LinearCost()  # seconds of a target step per token verified
+        self.arm_cost = [LinearCost() for _ in range(n)]  # seconds of a group per row
+        self.failures = [0] * n  # consecutive, per arm
+        self.total_failures = [0] * n
+        self.disabled: set[int] = set()  # for the engine's lifetime
+        self.preempted = 0
+        self._rows: list[RequestState | None] = []  # this step's ledgers, by batch row
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    def finished(self, req_id: str) -> None:
+        self.store.free(req_id)
+
+    def preempted_request(self, req_id: str) -> None:
+        """Its KV blocks are gone; the bandit keeps what it learnt."""
+        self.preempted += 1
+        if (state := self.store.get(req_id)) is not None:
+            state.computed.clear()
+            state.last_arm = None  # its pending draft is never verified
+
+    def restarted(self, req_id: str) -> None:
+        """Resumed after preemption, or a new request under a re-used id."""
+        if (state := self.store.get(req_id)) is not None:
+            state.computed.clear()
+
+    # ---- one step --------------------------------------------------------------
+
+    def choose(self, req_ids: Sequence[str], active: np.ndarray,
+               seq_lens: np.ndarray | None = None) -> np.ndarray:
+        """Arm per batch row (-1: no speculation). ``active``: rows with a new
+        token; ``seq_lens``: tokens known per row (the throughput objective
+        prices each arm's catch-up)."""
+        arms = np.full(len(req_ids), -1, dtype=np.int64)
+        rows: list[RequestState | None] = [None] * len(req_ids)
+        store = self.store
+        live = np.flatnonzero(active).tolist()
+        for row in live:
+            rows[row] = store.get_or_create(req_ids[row])
+        self._rows = rows
+        if self.objective == "throughput" and self.target_cost.seen and seq_lens is not None:
+            arms[live] = self._choose_throughput([rows[r] for r in live], seq_lens[live])
+            return arms
+        for row in live:  # one bandit per request
+            arms[row] = self._choose_one(rows[row])
+        return arms
+
+    def costs(self) -> StepCosts:
+        """The online cost model; an arm not yet measured is priced like the
+        measured arms of its kind (or free)."""
+        fits = np.array([c.fit() if c.seen else (np.nan, np.nan) for c in self.arm_cost])
+        for kind in (True, False):
+            mask = self.free_arms == kind
+            seen = mask & ~np.isnan(fits[:, 0])
+            fill = fits[seen].mean(0) if seen.any() else (0.0, 0.0)
+            fits[mask & np.isnan(fits[:, 0])] = fill
+        t0, t1 = self.target_cost.fit()
+        return StepCosts(t0, t1, fits[:, 0], fits[:, 1])
+
+    def _choose_throughput(self, states: list[RequestState], seq_lens: np.ndarray) -> np.ndarray:
+        n_arms, k = self.num_arms, self.k
+        sums = np.array([s.stats.reward_sum for s in states], dtype=np.float64)
+        counts = np.array([s.stats.reward_count for s in states], dtype=np.float64)
+        prior = self.store.global_prior.prior() if self.store.warm_start else None
+        untried = np.ones(n_arms) if prior is None else np.where(
+            np.array(prior.counts) > 0, prior.means, 1.0)
+        total = counts.sum(1, keepdims=True) + 1.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alpha = np.where(counts > 0, sums / counts
+                             + np.sqrt(self.beta * np.log(total) / counts), untried)
+        tokens = expected_tokens(alpha, k)
+        if self.disabled:
+            tokens[:, sorted(self.disabled)] = 0.0
+        costs = self.costs()
+        # Catching up costs about a drafted row's time per k + 1 tokens missed.
+        computed = np.array([[s.computed.get(a, 0) for a in range(n_arms)] for s in states],
+                            dtype=np.float64).reshape(len(states), n_arms)
+        lag = np.maximum(seq_lens[:, None] - computed - 1, 0)
+        catch_up = np.where(self.free_arms, 0.0, lag * costs.arm_per_row / (k + 1))
+        choice = choose_by_throughput(tokens, catch_up, costs, k)
+        for state, arm in zip(states, choice.tolist()):
+            if arm >= 0:
+                self.store.assign(state, arm)
+            else:
+                state.last_arm = None
+        return choice
+
+    def observe_step_time(self, tokens: int, seconds: float) -> None:
+        """The target's step (verification of ``tokens``) took ``seconds``."""
+        self.target_cost.add(tokens, seconds)
+
+    def observe_group_time(self, arm: int, rows: int, seconds: float) -> None:
+        self.arm_cost[arm].add(rows, seconds)
+
+    def full_information(self, arm: int, req_ids: Sequence[str],
+                         rewards: Sequence[float]) -> None:
+        """Rewards of drafts ``arm`` would have made for requests it did not
+        draft for (scored against the verified tokens): they inform each
+        request's bandit and estimates, not the drafter's statistics."""
+        for req_id, reward in zip(req_ids, rewards):
+            state = self.store.get(req_id)
+            if state is None or state.last_arm == arm:
+                continue
+            state.stats.reward_sum[arm] += reward
+            state.stats.reward_count[arm] += 1
+            self.store.policy.update(state.bandit, arm, reward)
+
+    def _choose_one(self, state: RequestState) -> int:
+        for _ in range(self.num_arms):
+            arm = self.store.choose(state)
+            if arm not in self.disabled:
+                return arm
+            self.store.record(state, arm, 0, 0, 0.0)
+        state.last_arm = None
+        return -1
+
+    def caught_up(self, arm: int, rows: np.ndarray) -> np.ndarray:
+        """Per row of ``rows``: leading tokens whose KV the arm holds."""
+        ledgers = self._rows
+        return np.fromiter((ledgers[r].computed.get(arm, 0) for r in rows.tolist()),
+                           dtype=np.int64, count=len(rows))
+
+    def mark_caught_up(self, arm: int, rows: np.ndarray, ends: np.ndarray) -> None:
+        ledgers = self._rows
+        for r, e in zip(rows.tolist(), ends.tolist()):
+            ledgers[r].computed[arm] = e
+
+    def drafted(self, arm: int, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """The arm drafted for its rows; empty drafts earn 0 now."""
+        self.failures[arm] = 0
+        for r in rows[lengths == 0].tolist():
+            self._settle_zero(self._rows[r], arm)
+
+    def failed(self, arm: int, rows: np.ndarray, name: str, error: Exception) -> None:
+        """The arm raised or returned garbage for ``rows``."""
+        self.failures[arm] += 1
+        self.total_failures[arm] += 1
+        for r in rows.tolist():
+            state = self._rows[r]
+            state.computed.pop(arm, None)
+            self._settle_zero(state, arm)
+        if self.failures[arm] >= MAX_ARM_FAILURES:
+            self.disabled.add(arm)
+            logger.warning("MetaSD: drafter %r failed %d times in a row (last: %s: %s); "
+                           "disabled for this engine's lifetime", name,
+                           self.failures[arm], type(error).__name__, error)
+        else:
+            logger.warning("MetaSD: drafter %r failed (%s: %s); %d request(s) get no "
+                           "speculation this step", name, type(error).__name__, error,
+                           len(rows))
+
+    def _settle_zero(self, state: RequestState, arm: int) -> None:
+        self.store.record(state, arm, 0, 0, 0.0)
+        state.last_arm = None  # nothing awaits verification
+
+    def observe(self, req_ids: Sequence[str], drafted: Sequence[int],
+                accepted: Sequence[int], rewards: Sequence[float]) -> None:
+        """Verification of last step's drafts: reward the arm that drafted each row."""
+        store = self.store
+        for req_id, n, a, r in zip(req_ids, drafted, accepted, rewards):
+            if n == 0:
+                continue
+            state = store.get(req_id)
+            if state is None or state.last_arm is None:
+                continue
+            store.record(state, state.last_arm, n, a, r)
+
+
+__all__ = ["MAX_ARM_FAILURES", "StepController"]
