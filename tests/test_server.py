@@ -166,11 +166,15 @@ def test_metrics_per_drafter_add_up_to_vllm_spec_decode_totals(server):
     accepted = sum(delta("metasd_drafter_accepted_tokens_total", drafter=d) for d in DRAFTERS)
     # Both sides count the drafts the target verified (a request's last draft,
     # made after its final verification, is never scheduled: neither counts it).
-    # Observed once under heavy machine load: a difference of exactly one step's
-    # drafts (k = 3 tokens), cause not pinned down; tolerated, anything more fails.
+    # Accepted tokens agree exactly. Drafted: vLLM's scheduler pads a new request
+    # with a single uncached token ("def" here: a 1-token prompt), admitted in a step
+    # that schedules no prefill (under load the 6 prompts reach the engine one by
+    # one), to 1 + k tokens with k placeholder drafts (-1). vLLM counts those k as
+    # drafted (never accepted); they belong to no drafter, so the per-drafter sums
+    # lack them: exactly k per padded request, here 0 or k.
     k = 3
-    assert abs(drafted - delta("vllm:spec_decode_num_draft_tokens_total")) <= k
-    assert abs(accepted - delta("vllm:spec_decode_num_accepted_tokens_total")) <= k
+    assert accepted == delta("vllm:spec_decode_num_accepted_tokens_total")
+    assert delta("vllm:spec_decode_num_draft_tokens_total") - drafted in (0, k)
     assert drafted > 10 * k and accepted > 10 * k
     assert sum(delta("metasd_drafter_chosen_total", drafter=d) for d in DRAFTERS) > 0
     # "good" is the target's exact copy: under greedy decoding all its drafts pass.
