@@ -14,9 +14,8 @@ position ``t``, what drafting there would give at temperature 0:
   greedy draft matches ``y`` the drafter's inputs *are* ``y``, so the accepted
   length is exact; the BD reward (share of the k drafted positions that agree
   with the target) is exact up to the first mismatch and teacher-forced after it;
-- prompt lookup (n-gram), in numpy: the continuation of the most recent earlier
-  occurrence of the longest matching suffix (``prompt_lookup_max`` down to
-  ``min``), as vLLM's proposer does; an empty draft earns 0.
+- prompt lookup (n-gram): vLLM's own numba matcher on the history (the one
+  the engine's n-gram arm calls); an empty draft earns 0.
 
 ``replay``: the decode as MetaSD runs it: position 1 (prefill emitted token 0),
 each step the request's bandit picks an arm, the step emits accepted + 1 tokens,
@@ -60,14 +59,15 @@ def lm_outcomes(match: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ngram_draft(history: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarray:
-    for n in range(min(max_n, len(history) - 1), min_n - 1, -1):
-        suffix = history[-n:]
-        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if len(hits):
-            start = hits[-1] + n
-            return history[start:start + k]
-    return history[:0]
+    """What vLLM's n-gram proposer drafts after ``history``: its own numba
+    matcher (the engine's n-gram arm calls the same function)."""
+    from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+
+    ids, num = np.zeros((1, k), dtype=np.int32), np.zeros(1, dtype=np.int32)
+    batch_propose_numba([0], np.array([len(history)], dtype=np.int32),
+                        history.astype(np.int32)[None], min_n, max_n, len(history) + k, k,
+                        ids, num)
+    return ids[0, :num[0]].astype(history.dtype)
 
 
 def ngram_outcomes(prompt: np.ndarray, y: np.ndarray, k: int, min_n: int, max_n: int):
@@ -143,28 +143,30 @@ def load_trace(path) -> dict:
 def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
            warm_start: bool = False, keep_choices: bool = False) -> dict:
     """Run ``policy`` (a metasd.json policy object) over the trace's prompts in
-    order, through the proposer's own state store: one bandit per prompt, as
+    order, through the engine's own step controller: one bandit per prompt, as
     MetaSD keeps one per request (and, with ``warm_start``, a prior learned
-    over the prompts finished before)."""
-    from vllm_metasd.core import RequestStateStore, make_policy
+    over the prompts finished before); an empty draft earns 0 as in the engine."""
+    from vllm_metasd.core import RequestStateStore, StepController, make_policy
 
     acc, bd, drafted, offsets = trace["acc"], trace["bd"], trace["drafted"], trace["offsets"]
     params = {k: v for k, v in policy.items() if k != "name"}
-    store = RequestStateStore(make_policy(policy["name"], acc.shape[0], seed=seed, **params),
-                              warm_start=warm_start)
+    ctl = StepController(RequestStateStore(
+        make_policy(policy["name"], acc.shape[0], seed=seed, **params), warm_start=warm_start))
+    one, row = np.array([True]), np.array([0])
     steps, accepted, choices = [], [], []
     for i in range(len(offsets) - 1):
-        base, L = offsets[i], offsets[i + 1] - offsets[i]
-        state = store.get_or_create(str(i))
+        base, L, rid = offsets[i], offsets[i + 1] - offsets[i], str(i)
         t, n, a_sum, picks = 1, 0, 0, []
         while t < L:
-            arm = store.choose(state)
+            arm = int(ctl.choose([rid], one)[0])
             a, d = int(acc[arm, base + t]), int(drafted[arm, base + t])
-            r = float(bd[arm, base + t]) if reward == "bd" else a / max(d, 1)
-            store.record(state, arm, d, a, r)
+            ctl.drafted(arm, row, np.array([d]))
+            if d:
+                r = float(bd[arm, base + t]) if reward == "bd" else a / d
+                ctl.observe([rid], [d], [a], [r])
             picks.append(arm)
             t, n, a_sum = t + a + 1, n + 1, a_sum + a
-        store.free(str(i))
+        ctl.finished(rid)
         steps.append(n)
         accepted.append(a_sum)
         choices.append(picks)

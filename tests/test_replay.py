@@ -15,9 +15,11 @@ def test_lm_outcomes_accepted_length_and_bd():
     assert bd[0] == 0.75 and bd[3] == 1.0 and bd[6] == 0.5  # partial window at the end
 
 
-def test_ngram_draft_takes_latest_longest_match():
+def test_ngram_draft_is_vllms_matcher():
+    # vLLM 0.32's matcher continues the EARLIEST occurrence of the longest
+    # matching suffix ("5 6" first at 0: 7 8 1), as the engine's n-gram arm does.
     h = np.array([5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6])
-    assert replay.ngram_draft(h, 3, 1, 2).tolist() == [9, 2, 5]  # latest "5 6"
+    assert replay.ngram_draft(h, 3, 1, 2).tolist() == [7, 8, 1]
     assert replay.ngram_draft(np.array([1, 2, 3]), 3, 1, 2).tolist() == []
 
 
