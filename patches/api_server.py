@@ -84,6 +84,11 @@ class MetaSDCollector:
                 value = d[key]  # None: no data yet (never rewarded)
                 family.add_metric([name], math.nan if value is None else float(value))
         yield from families.values()
+        yield CounterMetricFamily(
+            "metasd_placeholder_draft_tokens", "Draft tokens vLLM verified that no drafter "
+            "made (its -1 placeholders: requests resumed after preemption, or new with one "
+            "uncached token); with the per-drafter sums they add up to vLLM's draft tokens",
+            value=float(snap.get("placeholder_drafts", 0)))
         yield GaugeMetricFamily("metasd_live_requests",
                                 "Requests currently holding MetaSD bandit state",
                                 value=float(snap["live_requests"]))

@@ -75,7 +75,7 @@ def _sample(original):
         drafter = _metasd_drafter(self)
         if drafter is None or spec_decode_metadata is None:
             return original(self, logits, spec_decode_metadata)
-        with feedback.capture(drafter.config.reward) as verification:
+        with feedback.capture(drafter.reward_kind) as verification:
             output = original(self, logits, spec_decode_metadata)
         if verification.rewards is not None:
             drafter.observe(self.input_batch.req_ids, verification)

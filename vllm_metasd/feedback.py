@@ -76,4 +76,6 @@ def observe_output(output_token_ids: torch.Tensor) -> None:
     record.num_accepted = torch.minimum(accepted, record.num_drafted)
     if record.reward_kind == "acceptance":
         record.rewards = acceptance_reward(record.num_accepted, record.num_drafted)
+    elif record.reward_kind == "none":  # nothing to learn (policy "fixed"): counts only
+        record.rewards = torch.full(record.num_drafted.shape, float("nan"))
     record.seconds += time.perf_counter() - t0

@@ -53,7 +53,7 @@ class MetaSDProposer(DraftModelProposer):
         self.arm_names = [d.name for d in self.config.drafters]
         self.vocab_size = self.draft_model_config.get_vocab_size()
         self.arms = build_arms(vllm_config, device, runner, self.config.drafters,
-                               keep_q=self.config.reward == "bd")
+                               keep_q=self.reward_kind == "bd")
         # Tests only (vllm_metasd.faults): {} in production.
         for i, mode in parse_fault_injection(os.environ.get(FAULT_ENV, ""),
                                              self.arm_names).items():
@@ -77,6 +77,12 @@ class MetaSDProposer(DraftModelProposer):
         return StepController(store, k=self.k, objective=self.config.objective,
                               free_arms=[a.deterministic for a in self.arms],
                               beta=float(self.config.policy.params.get("beta", 0.1)))
+
+    @property
+    def reward_kind(self) -> str:
+        """The reward computed at verification: none under policy "fixed" (it
+        learns nothing, so the step skips the work: q at temperature 0, the BD)."""
+        return "none" if self.config.policy.name == "fixed" else self.config.reward
 
     @property
     def lm_arms(self) -> list[DraftLMArm]:
@@ -158,13 +164,14 @@ class MetaSDProposer(DraftModelProposer):
         tel.record_choices(req_ids, arms)
         t = tel.add("choice", t)
 
-        want_q = (self.config.reward == "bd"
+        want_q = (self.reward_kind == "bd"
                   or (self._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy))
         ids = np.zeros((n, k), dtype=np.int64)
         lengths = np.zeros(n, dtype=np.int64)
-        q = self._q_buffer(n, k) if want_q else None
+        q = None
         groups = group_rows_by_arm(arms, len(self.arms))
-        for a in np.unique(arms[arms >= 0]).tolist():  # chosen arms only
+        chosen = np.unique(arms[arms >= 0]).tolist()  # chosen arms only
+        for a in chosen:
             rows, arm = groups[a], self.arms[a]
             step = DraftStep(rows=rows, starts=self.controller.caught_up(a, rows),
                              seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
@@ -186,8 +193,12 @@ class MetaSDProposer(DraftModelProposer):
                 self.controller.mark_caught_up(a, rows, draft.computed)
             ids[rows, :row_ids.shape[1]] = row_ids
             lengths[rows] = row_lens
-            if q is not None:
-                self._fill_q(q, rows, row_ids, row_lens, draft.q)
+            if want_q:
+                if len(chosen) == 1 and len(rows) == n and draft.q is not None:
+                    q = draft.q  # one group drafts every row: vLLM reads the arm's q as is
+                else:
+                    q = self._q_buffer(n, k) if q is None else q
+                    self._fill_q(q, rows, row_ids, row_lens, draft.q)
             t = tel.add("assemble", t)
 
         if self.controller.objective == "throughput":
@@ -288,18 +299,21 @@ class MetaSDProposer(DraftModelProposer):
 
     # ---- statistics and control ------------------------------------------------
 
-    def reconfigure(self, policy: dict | None = None, reward: str | None = None) -> None:
-        """Swap the bandit policy / reward kind at runtime (benchmarks compare
-        policies on one engine). Validated like metasd.json; bandit states
-        restart, so call it between workloads."""
-        update = {k: v for k, v in (("policy", policy), ("reward", reward)) if v is not None}
+    def reconfigure(self, policy: dict | None = None, reward: str | None = None,
+                    objective: str | None = None) -> None:
+        """Swap the bandit policy / reward kind / objective at runtime (benchmarks
+        compare them on one engine). Validated like metasd.json; bandit states
+        and cost fits restart, so call it between workloads."""
+        update = {k: v for k, v in (("policy", policy), ("reward", reward),
+                                    ("objective", objective)) if v is not None}
         self.config = load_config({**self.config.to_json_dict(), **update})
         for arm in self.lm_arms:
-            arm.keep_q = self.config.reward == "bd"
+            arm.keep_q = self.reward_kind == "bd"
         self.controller = self._new_controller()
 
     def reset_stats(self) -> None:
         self.controller.store.reset_stats()
+        self.controller.placeholder_drafts = 0
         self.telemetry.reset()
 
     def choices(self) -> list[tuple[str, str]]:
@@ -310,6 +324,7 @@ class MetaSDProposer(DraftModelProposer):
         return {**c.store.snapshot(),
                 "tracked_requests": sum(1 for s in c.store.states() if s.computed),
                 "preempted": c.preempted,
+                "placeholder_drafts": c.placeholder_drafts,
                 "arm_failures": dict(zip(self.arm_names, c.total_failures)),
                 "disabled_arms": [self.arm_names[a] for a in sorted(c.disabled)]}
 

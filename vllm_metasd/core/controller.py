@@ -58,6 +58,9 @@ class StepController:
         self.total_failures = [0] * n
         self.disabled: set[int] = set()  # for the engine's lifetime
         self.preempted = 0
+        # Drafted tokens verified for no arm: vLLM's -1 placeholders (a request
+        # resumed after preemption, or new with one uncached token).
+        self.placeholder_drafts = 0
         self._rows: list[RequestState | None] = []  # this step's ledgers, by batch row
 
     # ---- lifecycle -------------------------------------------------------------
@@ -215,6 +218,7 @@ class StepController:
                 continue
             state = store.get(req_id)
             if state is None or state.last_arm is None:
+                self.placeholder_drafts += n
                 continue
             store.record(state, state.last_arm, n, a, r)
 

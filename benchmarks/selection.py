@@ -1,0 +1,191 @@
+"""Selection: MetaSD against plain decoding, every single drafter of a pool,
+vLLM's n-gram and the per-request oracle, at batch 1, 16 and 64.
+
+    python benchmarks/selection.py --out benchmarks/results/selection.json
+    python benchmarks/selection.py --pools default --rounds 1 --prompts 12   # quick
+
+Pools (issue 13): ``default`` = the zoo's five specialists + ``general`` +
+n-gram; ``paper`` = five specialists + ``general-equal`` (a general drafter
+trained with one specialist's budget, as in the paper's comparison) + n-gram.
+MetaSD runs as ``metasd:<objective>:<reward>`` (objectives ``alignment`` and
+``throughput``, reward ``bd``) on one engine per pool, reconfigured between
+variants (bandit states and cost fits restart). Greedy, the zoo's mixed
+prompts. Each round starts every engine in turn (the order reversed every
+other round, so slow drift of the shared machine cancels), runs batch 1
+(prompts one at a time), 16 and 64, and closes it; figures are medians over
+rounds. The oracle is, per prompt, the single method (drafter or n-gram)
+with the most tokens per step at batch 1 in hindsight: its batch-1 tokens/s
+adds up those picks (no single engine can run it at batch 16/64).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+HERE = Path(__file__).resolve().parent
+K = 4
+SPECIALISTS = ("code", "prose", "math", "data", "german")
+POOLS = {"default": "general", "paper": "general-equal"}
+VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd")
+
+
+def pool_config(general: str) -> dict:
+    from vllm_metasd import zoo
+
+    cfg = zoo.default_metasd_config()
+    cfg["drafters"] = ([{"name": d, "kind": "draft_model", "path": zoo.drafter_path(d)}
+                        for d in (*SPECIALISTS, general)]
+                       + [d for d in cfg["drafters"] if d["kind"] == "ngram"])
+    cfg.update(num_speculative_tokens=K, log_stats_interval_s=0)
+    return cfg
+
+
+def spec_for(method: str, general: str):
+    from vllm_metasd import zoo
+
+    if method == "none":
+        return None
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": K,
+                "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    if method.startswith("draft:"):
+        return {"method": "draft_model", "model": zoo.drafter_path(method[6:]),
+                "num_speculative_tokens": K}
+    return {"method": "metasd", "config": pool_config(general)}
+
+
+def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: int,
+               max_tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from vllm_metasd import zoo
+
+    llm = LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024, seed=0,
+              max_num_seqs=64, speculative_config=spec_for(method_group[0], general))
+    steps = [0]
+    step = llm.llm_engine.step
+
+    def counted(*a, **kw):
+        steps[0] += 1
+        return step(*a, **kw)
+
+    llm.llm_engine.step = counted
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    out = {}
+    try:
+        llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+        for m in method_group:
+            if m.startswith("metasd:"):
+                _, objective, reward = m.split(":")
+                llm.collective_rpc("metasd_reconfigure",
+                                   kwargs={"objective": objective, "reward": reward})
+            per_prompt = []
+            for p in prompts[:bs1]:
+                s0, t0 = steps[0], time.perf_counter()
+                o = llm.generate([p], params, use_tqdm=False)[0]
+                per_prompt.append({"tokens": len(o.outputs[0].token_ids),
+                                   "seconds": time.perf_counter() - t0, "steps": steps[0] - s0,
+                                   "ids": list(o.outputs[0].token_ids)})
+            entry = {"bs1": per_prompt}
+            for batch in (16, 64):
+                sub = prompts[:batch] if len(prompts) >= batch else prompts
+                t0 = time.perf_counter()
+                outs = llm.generate(sub, params, use_tqdm=False)
+                entry[f"bs{batch}"] = (sum(len(o.outputs[0].token_ids) for o in outs)
+                                       / (time.perf_counter() - t0))
+            if m.startswith("metasd:"):
+                s = llm.collective_rpc("metasd_stats")[0]
+                total = sum(d["chosen"] for d in s["drafters"].values()) or 1
+                entry["arm_share"] = {n: d["chosen"] / total for n, d in s["drafters"].items()}
+            out[m] = entry
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return out
+
+
+def figures(rounds: list[dict], m: str) -> dict:
+    tps1 = [sum(r["tokens"] for r in x[m]["bs1"]) / sum(r["seconds"] for r in x[m]["bs1"])
+            for x in rounds]
+    first = rounds[0][m]["bs1"]
+    return {"tokens_per_s_bs1": statistics.median(tps1),
+            "tokens_per_s_bs16": statistics.median(x[m]["bs16"] for x in rounds),
+            "tokens_per_s_bs64": statistics.median(x[m]["bs64"] for x in rounds),
+            "mean_accepted_len": sum(r["tokens"] for r in first)
+            / sum(r["steps"] for r in first) - 1,
+            "spread_bs1": [min(tps1), max(tps1)]}
+
+
+def oracle(rounds: list[dict], singles: list[str]) -> dict:
+    n = len(rounds[0][singles[0]]["bs1"])
+    pick = [max(singles, key=lambda m: rounds[0][m]["bs1"][i]["tokens"]
+                / rounds[0][m]["bs1"][i]["steps"]) for i in range(n)]
+    tps = [sum(x[m]["bs1"][i]["tokens"] for i, m in enumerate(pick))
+           / sum(x[m]["bs1"][i]["seconds"] for i, m in enumerate(pick)) for x in rounds]
+    r0 = rounds[0]
+    return {"tokens_per_s_bs1": statistics.median(tps), "tokens_per_s_bs16": None,
+            "tokens_per_s_bs64": None,
+            "mean_accepted_len": sum(r0[m]["bs1"][i]["tokens"] for i, m in enumerate(pick))
+            / sum(r0[m]["bs1"][i]["steps"] for i, m in enumerate(pick)) - 1}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "selection.json")
+    ap.add_argument("--pools", default="default,paper")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=24, help="mixed prompts at batch 1")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    from vllm_metasd import zoo
+
+    prompts = [p["prompt"] for p in zoo.load_prompts()][:64]
+    pools = [p for p in args.pools.split(",")
+             if p != "paper" or "general-equal" in zoo.DRAFTERS]
+    groups: list[tuple[str, list[str]]] = []  # (general drafter, methods on one engine)
+    groups += [("general", [m]) for m in ["none", "ngram"] + [f"draft:{d}" for d in SPECIALISTS]]
+    for pool in pools:
+        groups.append((POOLS[pool], [f"draft:{POOLS[pool]}"]))
+        groups.append((POOLS[pool], [f"{v}@{pool}" for v in VARIANTS]))
+    rounds = []
+    for r in range(args.rounds):
+        res = {}
+        for general, methods in (groups if r % 2 == 0 else groups[::-1]):
+            names = [m.split("@")[0] for m in methods]
+            got = run_engine(names, general, prompts, args.prompts, args.max_tokens)
+            for m, name in zip(methods, names):
+                res[m] = got[name]
+                print(json.dumps({"round": r, "method": m, **{
+                    k: v for k, v in figures([{m: got[name]}], m).items()}}), flush=True)
+        rounds.append(res)
+    reference = [x["ids"] for x in rounds[0]["none"]["bs1"]]
+    entries = []
+    for pool in pools:
+        singles = ["ngram"] + [f"draft:{d}" for d in (*SPECIALISTS, POOLS[pool])]
+        for m in ["none"] + singles:
+            entries.append({"pool": pool, "method": m, **figures(rounds, m)})
+        entries.append({"pool": pool, "method": "oracle", **oracle(rounds, singles)})
+        for v in VARIANTS:
+            key = f"{v}@{pool}"
+            e = {"pool": pool, "method": v, **figures(rounds, key),
+                 "arm_share": rounds[-1][key].get("arm_share"),
+                 "identical_to_plain_bs1": [x["ids"] for x in rounds[0][key]["bs1"]] == reference}
+            entries.append(e)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"k": K, "max_tokens": args.max_tokens, "rounds": args.rounds,
+                                    "prompts_bs1": args.prompts, "methods": entries},
+                                   indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
