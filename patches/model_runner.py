@@ -76,6 +76,8 @@ def _sample(original):
         if drafter is None or spec_decode_metadata is None:
             return original(self, logits, spec_decode_metadata)
         with feedback.capture(drafter.reward_kind) as verification:
+            verification.q_top = drafter.q_top_for(self.input_batch.req_ids,
+                                                   spec_decode_metadata.num_draft_tokens)
             output = original(self, logits, spec_decode_metadata)
         if verification.rewards is not None:
             drafter.observe(self.input_batch.req_ids, verification)

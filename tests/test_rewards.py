@@ -129,3 +129,18 @@ def test_rewards_in_unit_interval_nan_only_for_empty_rows(batch):
     ref = torch.stack([(1 - tv[cu[i] - c:cu[i]]).mean() if c else torch.tensor(math.nan)
                        for i, c in enumerate(counts)])
     assert torch.allclose(bd_reward(drafts, q, logits, cu), ref, atol=1e-5, equal_nan=True)
+
+
+def test_greedy_batches_read_q_at_the_drafters_top_tokens():
+    # p = (.5, .3, .2); the drafter's q = (.6, .3, .1), known at its top 2
+    # tokens only: sum of min over them = .5 + .3 = .8, a lower bound of the
+    # full 1 - TV = .5 + .3 + .1 = .9 (exact when q's mass is in its top m).
+    logits = logits_of([[.5, .3, .2]])
+    q_top = (torch.tensor([[.6, .3]]), torch.tensor([[0, 1]]))
+    r = bd_reward(torch.tensor([0]), None, logits, torch.tensor([1]), q_top)
+    assert r.item() == pytest.approx(0.8)
+    full = bd_reward(torch.tensor([0]), torch.tensor([[.6, .3, .1]]), logits, torch.tensor([1]))
+    assert full.item() == pytest.approx(0.9)
+    q_all = (torch.tensor([[.6, .3, .1]]), torch.tensor([[0, 1, 2]]))
+    assert bd_reward(torch.tensor([0]), None, logits, torch.tensor([1]),
+                     q_all).item() == pytest.approx(0.9)

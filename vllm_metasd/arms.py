@@ -56,15 +56,17 @@ def drafter_speculative_config(spec: SpeculativeConfig, model: str) -> Speculati
 
 
 class DraftLMArm(DraftModelProposer):
-    """One draft LM. ``keep_q``: return its distribution q at temperature 0 too
-    (the block-divergence reward needs it; vLLM computes q only when sampling)."""
+    """One draft LM. ``top_q`` = m > 0: at temperature 0 also keep its
+    distribution q at its m most likely tokens (the block-divergence reward
+    needs q; vLLM computes the full q only when sampling)."""
 
     deterministic = False
 
-    def __init__(self, vllm_config, device, runner, prefix: str, keep_q: bool = False):
+    def __init__(self, vllm_config, device, runner, prefix: str, top_q: int = 0):
         self.prefix = prefix
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
-        self.keep_q = keep_q
+        self.top_q = top_q
+        self._top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per draft position
         self.forward_s = 0.0  # time in this arm's drafting forwards (telemetry)
         max_tokens = self.max_num_tokens
         max_reqs = vllm_config.scheduler_config.max_num_seqs
@@ -87,9 +89,11 @@ class DraftLMArm(DraftModelProposer):
             return get_model(vllm_config=self._create_draft_vllm_config(), prefix=self.prefix)
 
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
-        if self.keep_q and sampling_metadata.all_greedy:
-            logits = self.model.compute_logits(hidden_states)
-            return logits.argmax(dim=-1), logits.softmax(dim=-1, dtype=torch.float32)
+        if self.top_q and sampling_metadata.all_greedy:
+            logits = self.model.compute_logits(hidden_states).float()
+            top, ids = logits.topk(self.top_q, dim=-1)
+            self._top.append(((top - logits.logsumexp(-1, keepdim=True)).exp(), ids))
+            return ids[:, 0], None
         return super()._sample_draft_tokens(hidden_states, sampling_metadata)
 
     def draft(self, step: DraftStep) -> Draft:
@@ -100,18 +104,21 @@ class DraftLMArm(DraftModelProposer):
         passes = plan_catch_up(starts, lens, self.max_num_tokens)
         if len(passes) == 1:
             idx, s, e, _ = passes[0]
-            ids, q = self._forward(step, step.rows[idx], s, e, step.k)
-            return Draft(ids, q=q, computed=lens)
-        ids, qs, order = [], [], []
+            ids, q, q_top = self._forward(step, step.rows[idx], s, e, step.k)
+            return Draft(ids, q=q, q_top=q_top, computed=lens)
+        outs, order = [], []
         for idx, s, e, drafts in passes:  # long catch-ups: KV-filling passes first
-            i, q = self._forward(step, step.rows[idx], s, e, step.k if drafts else 1)
+            out = self._forward(step, step.rows[idx], s, e, step.k if drafts else 1)
             if drafts:
-                ids.append(i)
-                qs.append(q)
+                outs.append(out)
                 order.append(idx)
         back = torch.as_tensor(np.argsort(np.concatenate(order)), device=self.device)
-        q = None if qs[0] is None else torch.cat(qs)[back]
-        return Draft(torch.cat(ids)[back], q=q, computed=lens)
+        ids, q, q_top = zip(*outs)
+        return Draft(torch.cat(ids)[back],
+                     q=None if q[0] is None else torch.cat(q)[back],
+                     q_top=None if q_top[0] is None else tuple(
+                         torch.cat(part)[back] for part in zip(*q_top)),
+                     computed=lens)
 
     def _forward(self, step: DraftStep, rows: np.ndarray, starts: np.ndarray,
                  ends: np.ndarray, k: int):
@@ -153,6 +160,7 @@ class DraftLMArm(DraftModelProposer):
             causal=True,
         )
         t0 = time.perf_counter()
+        self._top.clear()
         ids = self.propose(
             num_speculative_tokens=k,
             target_token_ids=tokens,
@@ -164,8 +172,12 @@ class DraftLMArm(DraftModelProposer):
             sampling_metadata=_select_rows(step.sampling_metadata, rows_t),
         )
         q = self.take_last_draft_probs() if step.want_q else None
+        q_top = None
+        if self._top:  # greedy: q at its top m tokens, [n, k, m]
+            q_top = (torch.stack([v for v, _ in self._top], 1),
+                     torch.stack([i for _, i in self._top], 1))
         self.forward_s += time.perf_counter() - t0
-        return ids, q
+        return ids, q, q_top
 
 
 class NgramArm:
@@ -207,7 +219,7 @@ def _select_rows(sampling_metadata, rows: torch.Tensor):
                                temperature=sampling_metadata.temperature[rows])
 
 
-def build_arms(vllm_config, device, runner, drafters, keep_q: bool) -> list:
+def build_arms(vllm_config, device, runner, drafters, top_q: int) -> list:
     """One arm per metasd.json drafter. A draft LM's vLLM config is the
     runner's with its own speculative config (``dataclasses.replace``: the
     rest, forward context included, is shared)."""
@@ -221,5 +233,5 @@ def build_arms(vllm_config, device, runner, drafters, keep_q: bool) -> list:
         arm_cfg = dataclasses.replace(
             vllm_config, speculative_config=drafter_speculative_config(spec, d.path))
         arms.append(DraftLMArm(arm_cfg, device, runner,
-                               prefix=f"metasd_drafter_{i}_{d.name}", keep_q=keep_q))
+                               prefix=f"metasd_drafter_{i}_{d.name}", top_q=top_q))
     return arms

@@ -29,6 +29,7 @@ class Verification:
     num_drafted: torch.Tensor | None = None  # [B] int
     num_accepted: torch.Tensor | None = None  # [B] int
     seconds: float = 0.0  # spent computing the above (MetaSD's reward overhead)
+    q_top: tuple | None = None  # drafters' top-m q per draft token, when vLLM has no q
 
 
 @contextlib.contextmanager
@@ -61,7 +62,7 @@ def observe_drafts(
     record.num_drafted = torch.tensor(num_draft_tokens, dtype=torch.int64)
     if record.reward_kind == "bd":
         record.rewards = bd_reward(draft_token_ids, draft_probs, target_logits,
-                                   cu_num_draft_tokens).cpu()
+                                   cu_num_draft_tokens, record.q_top).cpu()
     record.seconds += time.perf_counter() - t0
 
 

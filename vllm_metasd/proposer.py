@@ -36,6 +36,11 @@ from vllm_metasd.telemetry import Telemetry, format_stats_line  # noqa: F401 (re
 
 logger = logging.getLogger("vllm.metasd")
 
+# Greedy batches: the BD reward reads each drafter's q at its TOP_Q most likely
+# tokens (vLLM itself needs no q there); a lower bound of 1 - TV, exact when q's
+# mass lies in them.
+TOP_Q = 8
+
 
 class MetaSDProposer(DraftModelProposer):
     """The runner's ``drafter`` when speculative_config method is "metasd".
@@ -53,7 +58,7 @@ class MetaSDProposer(DraftModelProposer):
         self.arm_names = [d.name for d in self.config.drafters]
         self.vocab_size = self.draft_model_config.get_vocab_size()
         self.arms = build_arms(vllm_config, device, runner, self.config.drafters,
-                               keep_q=self.reward_kind == "bd")
+                               top_q=TOP_Q if self.reward_kind == "bd" else 0)
         # Tests only (vllm_metasd.faults): {} in production.
         for i, mode in parse_fault_injection(os.environ.get(FAULT_ENV, ""),
                                              self.arm_names).items():
@@ -68,6 +73,7 @@ class MetaSDProposer(DraftModelProposer):
         self._step_end: float | None = None  # when the last propose returned
         self._step_tokens = 0  # tokens the target verifies in the step after it
         self._would = None  # n-gram drafts not made last step, scored on this one
+        self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
                     self.arm_names, self.k, self.config.policy.name, self.config.reward)
 
@@ -164,11 +170,15 @@ class MetaSDProposer(DraftModelProposer):
         tel.record_choices(req_ids, arms)
         t = tel.add("choice", t)
 
-        want_q = (self.reward_kind == "bd"
-                  or (self._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy))
+        # Rejection sampling needs the full q of sampled rows; in greedy
+        # batches the BD reward reads q at each drafter's top tokens only.
+        want_q = self._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy
+        want_top = self.reward_kind == "bd" and not want_q
         ids = np.zeros((n, k), dtype=np.int64)
         lengths = np.zeros(n, dtype=np.int64)
         q = None
+        top = (torch.zeros(n, k, TOP_Q, device=self.device),
+               torch.zeros(n, k, TOP_Q, dtype=torch.long, device=self.device)) if want_top else None
         groups = group_rows_by_arm(arms, len(self.arms))
         chosen = np.unique(arms[arms >= 0]).tolist()  # chosen arms only
         for a in chosen:
@@ -199,11 +209,14 @@ class MetaSDProposer(DraftModelProposer):
                 else:
                     q = self._q_buffer(n, k) if q is None else q
                     self._fill_q(q, rows, row_ids, row_lens, draft.q)
+            if top is not None:
+                self._fill_top(top, rows, row_ids, draft.q_top)
             t = tel.add("assemble", t)
 
         if self.controller.objective == "throughput":
             self._would_be_drafts(arms, req_ids, seq_lens, batch, k)
         self._last_draft_probs = q
+        self._top = None if top is None else (list(req_ids), top)
         drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
         tel.add("assemble", t)
         tel.maybe_log(self._snapshot)
@@ -276,6 +289,39 @@ class MetaSDProposer(DraftModelProposer):
         self.telemetry.record_group(rows, now - t)
         return now
 
+    def _fill_top(self, top, rows: np.ndarray, ids: np.ndarray, q_top) -> None:
+        rows_t = torch.as_tensor(rows, device=self.device)
+        if q_top is not None:
+            m = q_top[0].shape[-1]
+            top[0][rows_t, :, :m] = q_top[0].float()
+            top[1][rows_t, :, :m] = q_top[1].long()
+            return
+        # A deterministic draft (n-gram): q is one-hot at each drafted token.
+        w = ids.shape[1]
+        top[0][rows_t, :w, 0] = 1.0
+        top[1][rows_t, :w, 0] = torch.as_tensor(ids, device=self.device).long()
+
+    def q_top_for(self, req_ids: list[str], num_draft_tokens: list[int]):
+        """For the verification of last step's drafts, in vLLM's flattened
+        order: each drafted token's q at its drafter's top tokens (None when
+        vLLM has the full q, or the reward needs none)."""
+        if self._top is None:
+            return None
+        prev_ids, (vals, ids) = self._top
+        self._top = None
+        row_of = {r: i for i, r in enumerate(prev_ids)}
+        rows = [row_of.get(r, -1) for r, nd in zip(req_ids, num_draft_tokens) if nd > 0]
+        counts = [nd for nd in num_draft_tokens if nd > 0]
+        if not rows:
+            return None
+        rows_t = torch.as_tensor(rows, device=vals.device)
+        keep = torch.arange(vals.shape[1], device=vals.device)[None, :] < torch.as_tensor(
+            counts, device=vals.device)[:, None]
+        known = (rows_t >= 0)[:, None, None]  # placeholder rows: q unknown, scored 0 anyway
+        v = torch.where(known, vals[rows_t.clamp(min=0)], 0.0)[keep]
+        i = torch.where(known, ids[rows_t.clamp(min=0)], 0)[keep]
+        return v, i
+
     def _q_buffer(self, n: int, k: int) -> torch.Tensor:
         """Draft probabilities [n, k, V] on the runner's device, allocated once
         (grown to the largest batch seen); only drafted rows are written."""
@@ -308,7 +354,7 @@ class MetaSDProposer(DraftModelProposer):
                                     ("objective", objective)) if v is not None}
         self.config = load_config({**self.config.to_json_dict(), **update})
         for arm in self.lm_arms:
-            arm.keep_q = self.reward_kind == "bd"
+            arm.top_q = TOP_Q if self.reward_kind == "bd" else 0
         self.controller = self._new_controller()
 
     def reset_stats(self) -> None:

@@ -27,4 +27,5 @@ class Draft:
     ids: torch.Tensor | np.ndarray  # [n, w] token ids, w <= k
     lengths: np.ndarray | None = None  # valid prefix per row; None: all w
     q: torch.Tensor | None = None  # [n, w, V] drafter probabilities; None: deterministic
+    q_top: tuple | None = None  # greedy batches: ([n, w, m] probs, [n, w, m] ids), q's top m
     computed: np.ndarray | None = None  # per row: tokens whose drafter KV is now valid

@@ -40,6 +40,7 @@ def token_alignment(
     draft_token_ids: torch.Tensor,  # [T]
     draft_probs: torch.Tensor | None,  # [T, V] drafter q, or None (deterministic drafts)
     target_logits: torch.Tensor,  # [T, V] as the rejection sampler sees them
+    q_top: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([T, m] probs, [T, m] ids)
 ) -> torch.Tensor:
     """``1 - TV(p_j, q_j) = sum_v min(p_j(v), q_j(v))`` per drafted position,
     at every temperature, from the full distributions (the paper's BD).
@@ -50,12 +51,23 @@ def token_alignment(
     deterministic draft (n-gram, or no q) is q = one-hot(d), for which
     ``1 - TV = p[d]``. The min form is one [T, V] temporary and exact in bf16.
 
+    ``q_top`` (when ``draft_probs`` is None): q only at the drafter's m most
+    likely tokens (greedy batches, where vLLM itself needs no q); the sum runs
+    over those m tokens, a lower bound of ``1 - TV`` that is exact when q's
+    mass lies there, and costs one pass over the target logits (logsumexp).
+
     A draft id -1 is vLLM's placeholder (a request resumed after preemption
     gets padded drafts, always rejected): it scores 0.
     """
-    p = target_logits.softmax(dim=-1, dtype=torch.float32)
-    vocab = p.shape[-1]
+    vocab = target_logits.shape[-1]
     valid = (draft_token_ids >= 0) & (draft_token_ids < vocab)
+    if draft_probs is None and q_top is not None:
+        q_vals, q_ids = q_top
+        logits = target_logits.float()
+        p_top = (logits.gather(1, q_ids.long()) - logits.logsumexp(dim=-1, keepdim=True)).exp()
+        soft = torch.minimum(p_top, q_vals.float()).sum(dim=-1)
+        return torch.where(valid, soft.clamp_(0.0, 1.0), torch.zeros_like(soft))
+    p = target_logits.softmax(dim=-1, dtype=torch.float32)
     if draft_probs is None:
         safe = draft_token_ids.long().clamp(0, vocab - 1)
         soft = p.gather(1, safe.unsqueeze(1)).squeeze(1)
@@ -65,9 +77,10 @@ def token_alignment(
 
 
 def bd_reward(draft_token_ids: torch.Tensor, draft_probs: torch.Tensor | None,
-              target_logits: torch.Tensor, cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
+              target_logits: torch.Tensor, cu_num_draft_tokens: torch.Tensor,
+              q_top: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Block-divergence reward per row: ``1/n_i * sum_j (1 - TV(p_j, q_j))``."""
-    return segment_mean(token_alignment(draft_token_ids, draft_probs, target_logits),
+    return segment_mean(token_alignment(draft_token_ids, draft_probs, target_logits, q_top),
                         cu_num_draft_tokens)
 
 
