@@ -39,6 +39,30 @@ def test_drafters_are_much_smaller_than_the_target():
     assert sum(size.values()) < 80e6  # shipped in the repository
 
 
+def test_general_equal_is_a_drafter_of_the_specialists_shape():
+    assert "general-equal" in zoo.DRAFTERS
+    def cfg(name):
+        return json.loads((model_dir(name) / "config.json").read_text())
+
+    assert cfg("drafter-general-equal") == cfg("drafter-code")
+    assert digest(model_dir("drafter-general-equal") / "model.safetensors") != \
+        digest(model_dir("drafter-general") / "model.safetensors")
+
+
+def test_default_config_and_paper_pool():
+    from vllm_metasd.config import load_config
+
+    default, paper = zoo.default_metasd_config(), zoo.paper_pool_config()
+    assert [d["name"] for d in default["drafters"]] == [*zoo.DOMAINS, "general", "lookup"]
+    assert [d["name"] for d in paper["drafters"]] == [*zoo.DOMAINS, "general-equal", "lookup"]
+    assert paper["drafters"][-1] == default["drafters"][-1]  # the same n-gram lookup
+    assert {k: v for k, v in paper.items() if k != "drafters"} == \
+        {k: v for k, v in default.items() if k != "drafters"}  # policy, reward, k, warm start
+    for cfg in (default, paper):
+        parsed = load_config(cfg)
+        assert all(Path(d.path).is_dir() for d in parsed.drafters if d.kind == "draft_model")
+
+
 def test_prompt_sets_are_held_out_per_domain():
     mixed = zoo.load_prompts(split="mixed")
     for dom in zoo.DOMAINS:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
 DOMAINS = ("code", "prose", "math", "data", "german")
-DRAFTERS = (*DOMAINS, "general", "random")
+# general: distilled on all five domains with 5x a specialist's data and 2x its
+# steps; general-equal: on an even mix of the five with exactly one specialist's
+# budget (tokens and steps); random: random weights, a deliberately bad arm.
+DRAFTERS = (*DOMAINS, "general", "general-equal", "random")
 
 # The target's chat template (models/target/chat_template.jinja, written by the
 # builder): the zoo LMs are base LMs, so this is plain "role: content" lines
@@ -53,14 +56,25 @@ def load_prompts(domain: str | None = None, split: str = "mixed") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _metasd_config(draft_models: tuple[str, ...]) -> dict:
+    drafters = [{"name": d, "kind": "draft_model", "path": drafter_path(d)}
+                for d in draft_models]
+    drafters.append({"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2,
+                     "prompt_lookup_max": 4})
+    return {"num_speculative_tokens": 4, "drafters": drafters,
+            "policy": {"name": "ucb", "beta": 0.1}, "reward": "bd", "warm_start": True}
+
+
 def default_metasd_config() -> dict:
     """The default MetaSD setup on the zoo: the five specialists, the general
     drafter and prompt lookup; UCB (beta 0.1) with the BD reward, warm-started
     from the requests finished before (the best setting in the offline replay,
     benchmarks/README.md)."""
-    drafters = [{"name": d, "kind": "draft_model", "path": drafter_path(d)}
-                for d in (*DOMAINS, "general")]
-    drafters.append({"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2,
-                     "prompt_lookup_max": 4})
-    return {"num_speculative_tokens": 4, "drafters": drafters,
-            "policy": {"name": "ucb", "beta": 0.1}, "reward": "bd", "warm_start": True}
+    return _metasd_config((*DOMAINS, "general"))
+
+
+def paper_pool_config() -> dict:
+    """The paper's pool: the five specialists, the general drafter trained with
+    one specialist's budget (general-equal) and prompt lookup; the same policy
+    and reward settings as default_metasd_config()."""
+    return _metasd_config((*DOMAINS, "general-equal"))

@@ -151,9 +151,10 @@ def train_target(streams: dict[str, np.ndarray], tokenizer, tokenizer_dir: Path,
 
 @torch.no_grad()
 def generate_continuations(target, tokenizer, docs: list[str], n: int, prompt_tokens: int,
-                           new_tokens: int, seed: int) -> np.ndarray:
+                           new_tokens: int, seed: int, min_tokens: int | None = None) -> np.ndarray:
     """Self-distillation data: the target's own sampled continuations of domain
-    prompts (temperature 1), as one token stream."""
+    prompts (temperature 1), as one token stream. With ``min_tokens`` it stops
+    after the batch that brings the stream to that length: a prefix of the full set."""
     torch.manual_seed(seed)
     target.eval()
     out = []
@@ -161,6 +162,8 @@ def generate_continuations(target, tokenizer, docs: list[str], n: int, prompt_to
     prompts = [tokenizer(d, add_special_tokens=False)["input_ids"][:prompt_tokens] for d in docs[:n]]
     prompts = [p for p in prompts if len(p) == prompt_tokens]
     for i in tqdm(range(0, len(prompts), 64), desc="generate"):
+        if min_tokens is not None and len(out) >= min_tokens:
+            break
         ids = torch.tensor([[bos] + p for p in prompts[i:i + 64]])
         gen = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                               temperature=1.0, top_k=0, max_new_tokens=new_tokens,
