@@ -80,14 +80,14 @@ def test_bad_drafters_end_up_rarely_chosen(metasd4_llm):
     greedy(metasd4_llm, PROMPTS, max_tokens=max_tokens)
     d = stats(metasd4_llm)["drafters"]
     total = sum(v["chosen"] for v in d.values())
-    # "good" (the target's copy: q = p) earns BD ~1; a random drafter's q
-    # overlaps p by less than half, so UCB keeps choosing it only while
-    # sqrt(beta ln t / n) > gap >= 0.5, i.e. n < 1 + 4 beta ln t: per request
-    # at most 1 + 4 ln(max_tokens) times.
-    assert d["good"]["mean_reward"] == pytest.approx(1.0, abs=0.02)
+    # Greedy batches score BD over each drafter's top-64 tokens (a lower bound
+    # of 1 - TV): "good" (q = p) earns p's top-64 mass, a random drafter far
+    # less; UCB keeps choosing a bad arm only while sqrt(beta ln t / n) > gap,
+    # so at most 1 + ln(max_tokens) / gap^2 times per request (gap >= 0.5).
+    good = d["good"]["mean_reward"]
     bound = len(PROMPTS) * (1 + 4 * math.log(max_tokens))
     for bad in ("bad1", "bad2"):
-        assert d[bad]["mean_reward"] < 0.5
+        assert d[bad]["mean_reward"] < good / 2
         assert d[bad]["chosen"] <= bound
         assert d[bad]["chosen"] / total < 0.2
     assert d["good"]["chosen"] / total > 0.5

@@ -93,7 +93,7 @@ class DraftLMArm(DraftModelProposer):
             logits = self.model.compute_logits(hidden_states).float()
             top, ids = logits.topk(self.top_q, dim=-1)
             self._top.append(((top - logits.logsumexp(-1, keepdim=True)).exp(), ids))
-            return ids[:, 0], None
+            return logits.argmax(dim=-1), None  # vLLM's own greedy draft (ties: first index)
         return super()._sample_draft_tokens(hidden_states, sampling_metadata)
 
     def draft(self, step: DraftStep) -> Draft:

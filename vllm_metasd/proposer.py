@@ -39,7 +39,7 @@ logger = logging.getLogger("vllm.metasd")
 # Greedy batches: the BD reward reads each drafter's q at its TOP_Q most likely
 # tokens (vLLM itself needs no q there); a lower bound of 1 - TV, exact when q's
 # mass lies in them.
-TOP_Q = 8
+TOP_Q = 64
 
 
 class MetaSDProposer(DraftModelProposer):
