@@ -49,6 +49,10 @@ def heldout_and_train(corpus: dict, args) -> tuple[dict, dict]:
 def write_prompts(held: dict, out: Path, seed: int) -> None:
     from vllm_metasd.smollm2 import tasks
 
+    if (out / "mixed.jsonl").exists():
+        # Shipped: the corpus' prose part reads installed packages' metadata, so
+        # another environment would phrase other held-out prompts.
+        return
     mixed = []
     for d, rows in held.items():
         tasks.write_jsonl(rows, out / f"{d}.jsonl")
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts-per-domain", type=int, default=192)
     ap.add_argument("--max-tokens", type=int, default=160, help="answer length cap")
     ap.add_argument("--gen-batch", type=int, default=96)
-    ap.add_argument("--steps", type=int, default=200, help="steps of one specialist")
+    ap.add_argument("--steps", type=int, default=100, help="steps of one specialist")
     ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--negatives", type=int, default=distil_negatives(),
                     help="sampled-softmax negatives per step (0: full softmax)")

@@ -175,7 +175,8 @@ def _topk_ce():
         def backward(ctx, g):
             h, weight, grad = ctx.saved_tensors
             scale = (g / h.shape[0]).to(h.dtype)
-            return (grad @ weight) * scale, (grad.T @ h) * scale, None, None, None
+            dw = (grad.T @ h) * scale if ctx.needs_input_grad[1] else None
+            return (grad @ weight) * scale, dw, None, None, None
 
     return TopKCE
 
