@@ -47,6 +47,14 @@ def _env(**extra) -> dict:
     return {**os.environ, "PATH": path, **extra}
 
 
+def die_with_parent():
+    """Popen preexec_fn: the child gets SIGTERM when the test process dies (a killed
+    or timed-out pytest leaves no server behind; vLLM then stops its engine too)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def running_server(cmd, log_path: Path, port: int, *, shell=False, cwd=REPO, timeout=600):
     """Start a server (its own process group), wait until it answers, yield an openai
@@ -55,7 +63,8 @@ def running_server(cmd, log_path: Path, port: int, *, shell=False, cwd=REPO, tim
 
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, shell=shell, cwd=cwd, env=_env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=die_with_parent)
 
     def kill_group(sig):
         with contextlib.suppress(ProcessLookupError):

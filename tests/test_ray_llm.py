@@ -128,7 +128,7 @@ def test_readme_ray_serve_and_ray_data_commands(tmp_path):
     import subprocess
     import time
 
-    from test_quickstart import REPO, _env, readme_block, shell_commands
+    from test_quickstart import REPO, _env, die_with_parent, readme_block, shell_commands
 
     if not (REPO / "vllm_metasd/zoo/models/target/model.safetensors").exists():
         pytest.skip("bundled zoo not present")
@@ -141,7 +141,8 @@ def test_readme_ray_serve_and_ray_data_commands(tmp_path):
     with open(log_path, "w") as log:
         # bash -c runs a single command in its own process: SIGTERM reaches Python
         proc = subprocess.Popen(["bash", "-c", serve_cmd], cwd=REPO, env=_env(), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
         try:
             deadline = time.monotonic() + 600
             while True:  # /v1/models answers before the engine is up: ask for a completion
@@ -177,7 +178,8 @@ def test_readme_ray_serve_and_ray_data_commands(tmp_path):
         assert old in data_cmd
         data_cmd = data_cmd.replace(old, new)
     proc = subprocess.run(["bash", "-c", data_cmd], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=900, start_new_session=True)
+                          text=True, timeout=900, start_new_session=True,
+                          preexec_fn=die_with_parent)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     mixed = [json.loads(line) for line in
