@@ -32,7 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 os.environ.setdefault("KMP_BLOCKTIME", "0")
 
 HERE = Path(__file__).resolve().parent
-K = 4
+
+from parity import K, spec_for  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 class Clock:
@@ -50,23 +51,6 @@ class Clock:
                 self.s[key] = self.s.get(key, 0.0) + time.thread_time() - t0
 
         setattr(owner, name, timed)
-
-
-def spec_for(method: str, drafter: str):
-    from vllm_metasd import zoo
-
-    if method == "draft_model":
-        return {"method": "draft_model", "model": zoo.drafter_path(drafter),
-                "num_speculative_tokens": K}
-    cfg = zoo.default_metasd_config()
-    if method == "metasd:only":
-        cfg["drafters"] = [d for d in cfg["drafters"] if d["name"] == drafter]
-        cfg["policy"] = {"name": "fixed", "arm": 0}
-    elif method == "metasd:pinned":
-        names = [d["name"] for d in cfg["drafters"]]
-        cfg["policy"] = {"name": "fixed", "arm": names.index(drafter)}
-    cfg["log_stats_interval_s"] = 0
-    return {"method": "metasd", "config": cfg}
 
 
 def profile(method: str, drafter: str, prompts: list[str], batch: int, max_tokens: int) -> dict:
