@@ -7,8 +7,9 @@ vLLM's n-gram and the per-request oracle, at batch 1, 16 and 64.
 Pools (issue 13): ``default`` = the zoo's five specialists + ``general`` +
 n-gram; ``paper`` = five specialists + ``general-equal`` (a general drafter
 trained with one specialist's budget, as in the paper's comparison) + n-gram.
-MetaSD runs as ``metasd:<objective>:<reward>`` (objectives ``alignment`` and
-``throughput``, reward ``bd``) on one engine per pool, reconfigured between
+MetaSD runs as ``metasd:<objective>:<reward>[+probe]`` (objectives
+``alignment`` and ``throughput``, reward ``bd``, ``+probe``: prompt-informed
+start) on one engine per pool, reconfigured between
 variants (bandit states and cost fits restart). Greedy, the zoo's mixed
 prompts. Each round starts every engine in turn (the order reversed every
 other round, so slow drift of the shared machine cancels), runs batch 1
@@ -33,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 K = 4
 SPECIALISTS = ("code", "prose", "math", "data", "german")
 POOLS = {"default": "general", "paper": "general-equal"}
-VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd")
+VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:alignment:bd+probe",
+            "metasd:throughput:bd+probe")
 
 
 def pool_config(general: str) -> dict:
@@ -84,8 +86,9 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
         for m in method_group:
             if m.startswith("metasd:"):
                 _, objective, reward = m.split(":")
-                llm.collective_rpc("metasd_reconfigure",
-                                   kwargs={"objective": objective, "reward": reward})
+                reward, _, probe = reward.partition("+")
+                llm.collective_rpc("metasd_reconfigure", kwargs={
+                    "objective": objective, "reward": reward, "prompt_probe": probe == "probe"})
             per_prompt = []
             for p in prompts[:bs1]:
                 s0, t0 = steps[0], time.perf_counter()

@@ -8,9 +8,9 @@ without enabling insecure callable serialization:
   worker's MetaSD proposer, or None when MetaSD is not active;
 - ``metasd_reset_stats()``: zero the aggregate counters (benchmarks);
 - ``metasd_choices()``: the recent (request id, drafter) choices, oldest first;
-- ``metasd_reconfigure(policy=None, reward=None, objective=None)``: switch the
-  bandit policy (a metasd.json ``policy`` object), reward kind or objective
-  without restarting.
+- ``metasd_reconfigure(**settings)``: switch metasd.json settings other than
+  the drafters and k (``policy``, ``reward``, ``objective``, ``warm_start``,
+  ``prompt_probe``, ...) without restarting.
 """
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ def metasd_choices(self):
     return None if drafter is None else drafter.choices()
 
 
-def metasd_reconfigure(self, policy=None, reward=None, objective=None):
+def metasd_reconfigure(self, **settings):
     drafter = _drafter(self)
     if drafter is None:
         raise RuntimeError("MetaSD is not active in this engine")
-    drafter.reconfigure(policy, reward, objective)
+    drafter.reconfigure(**settings)
 
 
 def apply() -> None:

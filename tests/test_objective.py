@@ -79,9 +79,9 @@ def test_controller_switches_to_throughput_once_costs_are_measured():
     ctl.observe_step_time(10, 4e-3)
     ctl.observe_group_time(0, 2, 4e-3)  # the LM: as costly as the target step
     ctl.observe_group_time(1, 2, 1e-5)
-    for req in ("a", "b"):  # the LM aligns a little better than the n-gram
+    for req in ("a", "b"):  # the LM's drafts yield a little more than the n-gram's
         s = store.get(req)
-        s.stats.reward_sum[:], s.stats.reward_count[:] = [80.0, 50.0], [100, 100]
+        s.gain_sum[:], s.gain_count[:] = [120.0, 100.0], [100, 100]
     assert ctl.choose(["a", "b"], np.array([True, True]), seq).tolist() == [1, 1]
     assert store.get("a").last_arm == 1 and store.totals.chosen[1] >= 2
 
@@ -91,7 +91,42 @@ def test_full_information_updates_estimates_not_drafter_statistics():
     ctl = StepController(store, k=K, free_arms=[False, True])
     ctl.choose(["a"], np.array([True]))
     store.get("a").last_arm = 0
-    ctl.full_information(1, ["a", "gone"], [0.75, 1.0])
+    ctl.full_information(1, ["a", "gone"], [0.75, 1.0], [3, 4])
     s = store.get("a")
     assert s.stats.reward_count[1] == 1 and s.stats.reward_sum[1] == 0.75
+    assert s.gain_sum[1] == 3 and s.gain_count[1] == 1
     assert store.totals.reward_count[1] == 0 and s.stats.drafted[1] == 0
+
+
+def test_throughput_drafts_only_with_the_rows_own_bandit_choice_or_a_free_arm():
+    # Arm 1 would yield far more, but row "a"'s bandit prefers arm 0: the step
+    # only decides whether "a" drafts with arm 0, a free arm, or nothing.
+    store = RequestStateStore(make_policy("fixed", 3, arm=0))
+    ctl = StepController(store, k=K, objective="throughput", free_arms=[False, False, True])
+    seq = np.array([50])
+    ctl.choose(["a"], np.array([True]), seq)
+    ctl.observe_step_time(5, 4e-3)
+    for arm in (0, 1):
+        ctl.observe_group_time(arm, 1, 1e-3)
+    ctl.observe_group_time(2, 1, 1e-6)
+    s = store.get("a")
+    s.computed.update({0: 50, 1: 50})
+    s.gain_sum[:], s.gain_count[:] = [200.0, 400.0, 0.0], [100, 100, 100]
+    assert ctl.choose(["a"], np.array([True]), seq).tolist() == [0]
+    s.gain_sum[0] = 0.0  # its choice yields nothing: no draft beats it
+    assert ctl.choose(["a"], np.array([True]), seq).tolist() == [-1]
+
+
+def test_prompt_probe_seeds_estimates_and_marks_the_kv_filled():
+    store = RequestStateStore(make_policy("ucb", 3, beta=0.1))
+    ctl = StepController(store, k=K, free_arms=[False, False, True])
+    new = ctl.begin(["a", "b"], np.array([True, True]))
+    assert new.tolist() == [0, 1]
+    ctl.probed(0, new, np.array([40, 60]), np.array([0.5, 0.0]))
+    a, b = store.get("a"), store.get("b")
+    assert a.computed == {0: 40} and b.computed == {0: 60}
+    # agreement 0.5 per token -> 1 + 0.5 + ... + 0.5^4 tokens a step, 0.9375 drafts accepted
+    assert a.gain_sum[0] == pytest.approx(0.9375) and b.gain_sum[0] == 0.0
+    # before any verification, on the reward scale: accepted drafts per drafted token
+    assert a.stats.reward_sum[0] == pytest.approx(0.9375 / K)
+    assert ctl.begin(["a"], np.array([True])).tolist() == []  # not new any more

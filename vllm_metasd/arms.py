@@ -120,6 +120,41 @@ class DraftLMArm(DraftModelProposer):
                          torch.cat(part)[back] for part in zip(*q_top)),
                      computed=lens)
 
+    def probe(self, step: DraftStep, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """A new request's prompt-informed start: process every known token of
+        the rows (the catch-up this drafter would need once chosen; its KV is
+        then filled) and score the drafter on the request's own text: the share
+        of the last ``window`` positions where its most likely next token is
+        the one that follows. Returns (tokens processed, agreement) per row."""
+        lens = step.seq_lens[step.rows].astype(np.int64)
+        agreement = np.zeros(len(lens))
+        out: list[torch.Tensor] = []
+        hook = self.model.register_forward_hook(lambda _m, _i, h: out.append(h))
+        try:
+            for idx, s, e, last in plan_catch_up(np.zeros_like(lens), lens, self.max_num_tokens):
+                out.clear()
+                self._forward(step, step.rows[idx], s, e, 0)  # k = 0: the pass only
+                if last:
+                    agreement[idx] = self._agreement(step.token_ids, step.rows[idx], s, e,
+                                                     out[0], window)
+        finally:
+            hook.remove()
+        return lens, agreement
+
+    def _agreement(self, token_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray,
+                   ends: np.ndarray, hidden: torch.Tensor, window: int) -> np.ndarray:
+        """Row i's pass holds positions [starts[i], ends[i]) contiguously; the
+        hidden state at position p predicts token p + 1."""
+        first = np.maximum(starts, ends - 1 - window)
+        n = ends - 1 - first  # scored positions per row (>= 1)
+        row = np.repeat(np.arange(len(rows)), n)
+        pos = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + first[row]
+        offset = np.concatenate(([0], np.cumsum(ends - starts)[:-1]))
+        index = torch.as_tensor(offset[row] + pos - starts[row], device=hidden.device)
+        guess = self.model.compute_logits(hidden[index]).argmax(-1).cpu().numpy()
+        hit = guess == token_ids[rows[row], pos + 1]
+        return np.bincount(row, weights=hit, minlength=len(rows)) / n
+
     def _forward(self, step: DraftStep, rows: np.ndarray, starts: np.ndarray,
                  ends: np.ndarray, k: int):
         """One forward over tokens [start, end) of each row, then k drafts after end-1.

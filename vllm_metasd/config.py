@@ -120,6 +120,7 @@ class MetaSDConfig(_Strict):
     objective: Literal["alignment", "throughput"] = "alignment"
     seed: int = Field(default=0, ge=0)
     warm_start: bool = False
+    prompt_probe: bool = False
     log_stats_interval_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
 
     @pydantic.field_validator("drafters")
@@ -177,6 +178,7 @@ _HINTS = {
     "objective": "use 'throughput' (expected tokens per second of the step) or 'alignment'",
     "seed": "use an integer >= 0",
     "warm_start": "use true or false",
+    "prompt_probe": "use true or false",
     "log_stats_interval_s": "use a finite number of seconds >= 0 (0 disables the periodic log)",
 }
 

@@ -5,7 +5,8 @@ One engine step, top to bottom:
 1. ``on_schedule``: finished, preempted, resumed requests -> the controller's ledgers;
 2. ``observe`` (the model-runner patch, right after rejection sampling): each
    request's alignment reward -> its bandit (``core.controller``);
-3. ``propose``: this step's new tokens join the runner's token buffer; each
+3. ``propose``: this step's new tokens join the runner's token buffer; a new
+   request's draft LMs are scored on its prompt (``prompt_probe``); each
    request's bandit picks an arm (``controller.choose``); rows are grouped by
    arm, and each chosen arm drafts for its group (``arms``: a draft LM first
    catches up on the tokens it missed, then drafts k; n-gram looks up the
@@ -40,6 +41,9 @@ logger = logging.getLogger("vllm.metasd")
 # tokens (vLLM itself needs no q there); a lower bound of 1 - TV, exact when q's
 # mass lies in them.
 TOP_Q = 64
+# Prompt-informed start: a new request's drafters are scored on the last
+# PROBE_WINDOW positions of its known text.
+PROBE_WINDOW = 32
 
 
 class MetaSDProposer(DraftModelProposer):
@@ -71,7 +75,6 @@ class MetaSDProposer(DraftModelProposer):
         self._valid: torch.Tensor | None = None
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last propose returned
-        self._step_tokens = 0  # tokens the target verifies in the step after it
         self._would = None  # n-gram drafts not made last step, scored on this one
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
@@ -157,7 +160,9 @@ class MetaSDProposer(DraftModelProposer):
         tel, k = self.telemetry, num_speculative_tokens
         t = time.perf_counter()
         if self._step_end is not None and t - self._step_end < 2.0:  # not an idle gap
-            self.controller.observe_step_time(self._step_tokens, t - self._step_end)
+            # The target's forward that just ran, and the tokens it processed.
+            self.controller.observe_step_time(common_attn_metadata.num_actual_tokens,
+                                              t - self._step_end)
         batch = self.runner.input_batch
         n = batch.num_reqs
         req_ids = batch.req_ids[:n]
@@ -166,6 +171,11 @@ class MetaSDProposer(DraftModelProposer):
             self._score_would_be_drafts(req_ids, new_tokens, valid)
         t = tel.add("inputs", t)
 
+        new_rows = self.controller.begin(req_ids, active)
+        if len(new_rows) and self.config.prompt_probe and self.reward_kind != "none":
+            self._probe(new_rows, seq_lens, batch.token_ids_cpu,
+                        common_attn_metadata.block_table_tensor, sampling_metadata)
+            t = tel.add("probe", t)
         arms = self.controller.choose(req_ids, active, seq_lens)
         tel.record_choices(req_ids, arms)
         t = tel.add("choice", t)
@@ -190,7 +200,8 @@ class MetaSDProposer(DraftModelProposer):
             forward0 = getattr(arm, "forward_s", 0.0)
             try:
                 draft = arm.draft(step)
-                t = self._charge_draft(t, a, len(rows), forward0)
+                steady = bool((seq_lens[rows] - step.starts <= k + 1).all())
+                t = self._charge_draft(t, a, len(rows), forward0, steady)
                 row_ids, row_lens = check_draft(draft, len(rows), k, self.vocab_size,
                                                 need_q=want_q and not arm.deterministic)
             except Exception as e:  # a drafter must never take the engine down
@@ -220,9 +231,24 @@ class MetaSDProposer(DraftModelProposer):
         drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
         tel.add("assemble", t)
         tel.maybe_log(self._snapshot)
-        self._step_tokens = int(active.sum() + lengths.sum())
         self._step_end = time.perf_counter()
         return drafts
+
+    def _probe(self, rows, seq_lens, token_ids, block_table, sampling_metadata) -> None:
+        """Prompt-informed start: every draft LM passes over the new requests'
+        known tokens (filling its KV) and is scored on their text."""
+        step = DraftStep(rows=rows, starts=np.zeros(len(rows), dtype=np.int64),
+                         seq_lens=seq_lens, token_ids=token_ids, block_table=block_table,
+                         sampling_metadata=sampling_metadata, k=0, want_q=False)
+        for a, arm in enumerate(self.arms):
+            if arm.deterministic or a in self.controller.disabled:
+                continue
+            try:
+                computed, agreement = arm.probe(step, PROBE_WINDOW)
+            except Exception as e:  # a drafter must never take the engine down
+                self.controller.failed(a, rows, self.arm_names[a], e)
+                continue
+            self.controller.probed(a, rows, computed, agreement)
 
     def _would_be_drafts(self, arms, req_ids, seq_lens, batch, k: int) -> None:
         """Full information for free arms (n-gram): what each would have drafted
@@ -258,7 +284,8 @@ class MetaSDProposer(DraftModelProposer):
                & (pos < lengths[:, None]))
         matched = np.cumprod(hit, axis=1).sum(1)
         reward = np.where(lengths > 0, matched / np.maximum(lengths, 1), 0.0)
-        self.controller.full_information(a, [who[i] for i in j], reward.tolist())
+        self.controller.full_information(a, [who[i] for i in j], reward.tolist(),
+                                         matched.tolist())
 
     def _append_new_tokens(self, batch, n: int):
         """Write this step's verified tokens into the runner's token buffer right
@@ -273,13 +300,17 @@ class MetaSDProposer(DraftModelProposer):
         batch.token_ids_cpu[rows, n_prev[rows] + cols] = sampled[rows, cols]
         return (n_prev + valid).astype(np.int32), valid > 0, sampled, valid
 
-    def _charge_draft(self, t: float, a: int, rows: int, forward0: float) -> float:
+    def _charge_draft(self, t: float, a: int, rows: int, forward0: float,
+                      steady: bool) -> float:
         """Split arm a's drafting time: its forwards (n-gram: the whole lookup)
-        and, for draft LMs, the catch-up planning and metadata around them;
-        the whole is one sample of the arm's group cost."""
+        and, for draft LMs, the catch-up planning and metadata around them.
+        When no row caught up on more than one step's tokens (``steady``), the
+        whole is one sample of the arm's group cost (a long catch-up, e.g. a
+        whole prompt, is priced per row by the controller, not here)."""
         arm = self.arms[a]
         now = time.perf_counter()
-        self.controller.observe_group_time(a, rows, now - t)
+        if steady:
+            self.controller.observe_group_time(a, rows, now - t)
         if arm.deterministic:
             self.telemetry.phase_s["forward"] += now - t
             return now
@@ -345,14 +376,14 @@ class MetaSDProposer(DraftModelProposer):
 
     # ---- statistics and control ------------------------------------------------
 
-    def reconfigure(self, policy: dict | None = None, reward: str | None = None,
-                    objective: str | None = None) -> None:
-        """Swap the bandit policy / reward kind / objective at runtime (benchmarks
-        compare them on one engine). Validated like metasd.json; bandit states
-        and cost fits restart, so call it between workloads."""
-        update = {k: v for k, v in (("policy", policy), ("reward", reward),
-                                    ("objective", objective)) if v is not None}
-        self.config = load_config({**self.config.to_json_dict(), **update})
+    def reconfigure(self, **settings) -> None:
+        """Swap metasd.json settings other than the drafters and k at runtime
+        (benchmarks compare them on one engine). Validated like metasd.json;
+        bandit states and cost fits restart, so call it between workloads."""
+        fixed = {"drafters", "num_speculative_tokens"} & settings.keys()
+        if fixed:
+            raise ValueError(f"{sorted(fixed)} cannot change at runtime; start a new engine")
+        self.config = load_config({**self.config.to_json_dict(), **settings})
         for arm in self.lm_arms:
             arm.top_q = TOP_Q if self.reward_kind == "bd" else 0
         self.controller = self._new_controller()

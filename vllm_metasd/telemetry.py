@@ -30,10 +30,11 @@ logger = logging.getLogger("vllm.metasd")
 
 # Steps of (request ids, arms) kept for learning curves in benchmarks.
 CHOICE_LOG_STEPS = 4096
-# MetaSD's own work per step, by phase; "forward" is the drafters' own compute.
-PHASES = ("hooks", "inputs", "choice", "catch_up", "forward", "validation", "assemble",
-          "reward")
-OWN_PHASES = tuple(p for p in PHASES if p != "forward")
+# MetaSD's own work per step, by phase; "forward" is the drafters' own compute,
+# "probe" the drafters' passes over new prompts (prompt-informed start).
+PHASES = ("hooks", "inputs", "probe", "choice", "catch_up", "forward", "validation",
+          "assemble", "reward")
+OWN_PHASES = tuple(p for p in PHASES if p not in ("forward", "probe"))
 
 
 class Telemetry:

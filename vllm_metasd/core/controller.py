@@ -20,7 +20,9 @@ request's first step and freed by one call. The rules:
   optimistic per-arm acceptance and costs measured online (the target's step
   time per token, each arm group's drafting time); a row may draft nothing.
   Arms whose would-be drafts cost nothing to score (n-gram) also learn from
-  every verified step (full information).
+  every verified step (full information);
+- prompt-informed start (``probed``): a new request's bandit starts with one
+  observation per draft LM, its agreement with the request's own text.
 
 ``propose`` in vllm_metasd/proposer.py and benchmarks/replay.py both drive it.
 """
@@ -62,6 +64,7 @@ class StepController:
         # resumed after preemption, or new with one uncached token).
         self.placeholder_drafts = 0
         self._rows: list[RequestState | None] = []  # this step's ledgers, by batch row
+        self._begun = False
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -82,18 +85,33 @@ class StepController:
 
     # ---- one step --------------------------------------------------------------
 
+    def begin(self, req_ids: Sequence[str], active: np.ndarray) -> np.ndarray:
+        """This step's ledgers, by batch row (``active``: rows with a new
+        token). Returns the rows whose request is new (ledger created now)."""
+        rows: list[RequestState | None] = [None] * len(req_ids)
+        new = []
+        store = self.store
+        for row in np.flatnonzero(active).tolist():
+            state = store.get(req_ids[row])
+            if state is None:
+                state = store.get_or_create(req_ids[row])
+                new.append(row)
+            rows[row] = state
+        self._rows = rows
+        self._begun = True
+        return np.array(new, dtype=np.int64)
+
     def choose(self, req_ids: Sequence[str], active: np.ndarray,
                seq_lens: np.ndarray | None = None) -> np.ndarray:
-        """Arm per batch row (-1: no speculation). ``active``: rows with a new
-        token; ``seq_lens``: tokens known per row (the throughput objective
-        prices each arm's catch-up)."""
+        """Arm per batch row (-1: no speculation), after ``begin`` (called here
+        if it was not). ``seq_lens``: tokens known per row (the throughput
+        objective prices each arm's catch-up)."""
+        if not self._begun:
+            self.begin(req_ids, active)
+        self._begun = False
         arms = np.full(len(req_ids), -1, dtype=np.int64)
-        rows: list[RequestState | None] = [None] * len(req_ids)
-        store = self.store
+        rows = self._rows
         live = np.flatnonzero(active).tolist()
-        for row in live:
-            rows[row] = store.get_or_create(req_ids[row])
-        self._rows = rows
         if self.objective == "throughput" and self.target_cost.seen and seq_lens is not None:
             arms[live] = self._choose_throughput([rows[r] for r in live], seq_lens[live])
             return arms
@@ -115,24 +133,30 @@ class StepController:
 
     def _choose_throughput(self, states: list[RequestState], seq_lens: np.ndarray) -> np.ndarray:
         n_arms, k = self.num_arms, self.k
-        sums = np.array([s.stats.reward_sum for s in states], dtype=np.float64)
-        counts = np.array([s.stats.reward_count for s in states], dtype=np.float64)
-        prior = self.store.global_prior.prior() if self.store.warm_start else None
-        untried = np.ones(n_arms) if prior is None else np.where(
-            np.array(prior.counts) > 0, prior.means, 1.0)
-        total = counts.sum(1, keepdims=True) + 1.0
+        gain = np.array([s.gain_sum for s in states]).reshape(len(states), n_arms)
+        count = np.array([s.gain_count for s in states]).reshape(len(states), n_arms)
+        total = count.sum(1, keepdims=True) + 1.0
         with np.errstate(divide="ignore", invalid="ignore"):
-            alpha = np.where(counts > 0, sums / counts
-                             + np.sqrt(self.beta * np.log(total) / counts), untried)
-        tokens = expected_tokens(alpha, k)
+            # Optimistic tokens per step beyond the target's own (UCB on the
+            # tokens' scale); an arm never observed for the row: all k.
+            extra = np.where(count > 0, gain / count
+                             + k * np.sqrt(self.beta * np.log(total) / count), k)
+        tokens = 1.0 + np.clip(extra, 0.0, k)
+        # Which draft LM is the row's own bandit's (alignment) choice; the step
+        # then decides by speed whether the row drafts with it, joins an open
+        # group, takes a free arm, or drafts nothing.
+        pick = np.array([self.store.policy.select(s.bandit) for s in states])
+        own = np.arange(n_arms)[None, :] == pick[:, None]
+        tokens[~own & ~self.free_arms[None, :]] = 0.0
         if self.disabled:
             tokens[:, sorted(self.disabled)] = 0.0
         costs = self.costs()
-        # Catching up costs about a drafted row's time per k + 1 tokens missed.
+        # Catching up on missed tokens is one more (parallel) drafter pass for
+        # the row: about a drafted row's time over its k sequential passes.
         computed = np.array([[s.computed.get(a, 0) for a in range(n_arms)] for s in states],
                             dtype=np.float64).reshape(len(states), n_arms)
-        lag = np.maximum(seq_lens[:, None] - computed - 1, 0)
-        catch_up = np.where(self.free_arms, 0.0, lag * costs.arm_per_row / (k + 1))
+        behind = seq_lens[:, None] - computed > k + 1
+        catch_up = np.where(behind & ~self.free_arms, costs.arm_per_row / k, 0.0)
         choice = choose_by_throughput(tokens, catch_up, costs, k)
         for state, arm in zip(states, choice.tolist()):
             if arm >= 0:
@@ -148,18 +172,43 @@ class StepController:
     def observe_group_time(self, arm: int, rows: int, seconds: float) -> None:
         self.arm_cost[arm].add(rows, seconds)
 
-    def full_information(self, arm: int, req_ids: Sequence[str],
-                         rewards: Sequence[float]) -> None:
-        """Rewards of drafts ``arm`` would have made for requests it did not
-        draft for (scored against the verified tokens): they inform each
-        request's bandit and estimates, not the drafter's statistics."""
-        for req_id, reward in zip(req_ids, rewards):
+    def full_information(self, arm: int, req_ids: Sequence[str], rewards: Sequence[float],
+                         accepted: Sequence[int]) -> None:
+        """Drafts ``arm`` would have made for requests it did not draft for,
+        scored against the verified tokens (reward, and tokens that would have
+        been accepted): they inform each request's bandit and estimates, not
+        the drafter's statistics."""
+        for req_id, reward, a in zip(req_ids, rewards, accepted):
             state = self.store.get(req_id)
             if state is None or state.last_arm == arm:
                 continue
-            state.stats.reward_sum[arm] += reward
-            state.stats.reward_count[arm] += 1
-            self.store.policy.update(state.bandit, arm, reward)
+            self._inform(state, arm, reward, a)
+
+    def probed(self, arm: int, rows: np.ndarray, computed: np.ndarray,
+               agreement: np.ndarray) -> None:
+        """A prompt-informed start (new rows of this step): the arm processed
+        each row's known tokens and agreed with its text at the given rate,
+        one observation for the request's bandit."""
+        self.mark_caught_up(arm, rows, computed)
+        accepted = expected_tokens(agreement, self.k) - 1.0  # per step, if it drafted
+        for r, reward, a in zip(rows.tolist(), self._as_reward(accepted).tolist(),
+                                accepted.tolist()):
+            self._inform(self._rows[r], arm, reward, a)
+
+    def _as_reward(self, accepted: np.ndarray) -> np.ndarray:
+        """Accepted tokens per step on the rewards' scale: over the engine's
+        accepted tokens per unit of reward (before any verification: per
+        drafted token)."""
+        t = self.store.totals
+        total = sum(t.accepted)
+        scale = sum(t.reward_sum) / total if total > 0 else 1.0 / self.k
+        return np.clip(accepted * scale, 0.0, 1.0)
+
+    def _inform(self, state: RequestState, arm: int, reward: float, accepted: float) -> None:
+        state.stats.reward_sum[arm] += reward
+        state.stats.reward_count[arm] += 1
+        state.observe_gain(arm, accepted)
+        self.store.policy.update(state.bandit, arm, reward)
 
     def _choose_one(self, state: RequestState) -> int:
         for _ in range(self.num_arms):
@@ -207,6 +256,7 @@ class StepController:
 
     def _settle_zero(self, state: RequestState, arm: int) -> None:
         self.store.record(state, arm, 0, 0, 0.0)
+        state.observe_gain(arm, 0.0)
         state.last_arm = None  # nothing awaits verification
 
     def observe(self, req_ids: Sequence[str], drafted: Sequence[int],
@@ -221,6 +271,7 @@ class StepController:
                 self.placeholder_drafts += n
                 continue
             store.record(state, state.last_arm, n, a, r)
+            state.observe_gain(state.last_arm, a)
 
 
 __all__ = ["MAX_ARM_FAILURES", "StepController"]

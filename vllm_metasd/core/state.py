@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from vllm_metasd.core.policies import BanditState, GlobalPrior, Policy
 
 
@@ -55,6 +57,15 @@ class RequestState:
     # Per arm: leading tokens of this request whose drafter KV is valid (an arm
     # never chosen for the request has no entry and costs nothing).
     computed: dict[int, int] = dataclasses.field(default_factory=dict)
+    # Per arm: observations of the tokens a step with it yields beyond the
+    # target's own (accepted drafts; would-be and prompt-probe estimates
+    # included): the throughput objective's estimate, on the scale of tokens.
+    gain_sum: np.ndarray | None = None
+    gain_count: np.ndarray | None = None
+
+    def observe_gain(self, arm: int, accepted: float) -> None:
+        self.gain_sum[arm] += accepted
+        self.gain_count[arm] += 1
 
 
 class RequestStateStore:
@@ -93,8 +104,10 @@ class RequestStateStore:
         state = self._states.get(req_id)
         if state is None:
             prior = self.global_prior.prior(self.prior_pseudo_count) if self.warm_start else None
+            n = self.policy.num_arms
             state = RequestState(self.policy.new_state(prior, state_seed=self._created),
-                                 DrafterStats.zeros(self.policy.num_arms))
+                                 DrafterStats.zeros(n), gain_sum=np.zeros(n),
+                                 gain_count=np.zeros(n))
             self._created += 1
             self._states[req_id] = state
         return state
