@@ -17,6 +17,12 @@ position ``t``, what drafting there would give at temperature 0:
 - prompt lookup (n-gram): vLLM's own numba matcher on the history (the one
   the engine's n-gram arm calls); an empty draft earns 0.
 
+Two more signals per draft LM: ``bd_full``, the paper's block divergence from
+the full distributions (mean over the k drafted positions of 1 - TV between the
+target's softmax and the drafter's, teacher-forced on ``y``), and ``probe``,
+its next-token agreement over the prompt's last 32 tokens (the engine's
+prompt-informed start, ``prompt_probe``; for the lookup: its first drafted token).
+
 ``replay``: the decode as MetaSD runs it: position 1 (prefill emitted token 0),
 each step the request's bandit picks an arm, the step emits accepted + 1 tokens,
 the bandit is updated with the arm's reward. The oracle is the best single
@@ -36,6 +42,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 HERE = Path(__file__).resolve().parent
 K = 4
+PROBE_WINDOW = 32  # as vllm_metasd.proposer.PROBE_WINDOW
 
 
 # ---- trace --------------------------------------------------------------------
@@ -112,23 +119,43 @@ def record(args) -> None:
     bd = np.zeros((len(arms), total), dtype=np.float32)
     drafted = np.full((len(arms), total), K, dtype=np.int8)
     offsets = np.concatenate([[0], np.cumsum(lens)])
-    for a, name in enumerate(arms[:-1]):
-        model = LlamaForCausalLM.from_pretrained(zoo.drafter_path(name), dtype=torch.bfloat16)
-        with torch.no_grad():
+    bd_full = np.zeros((len(arms), total), dtype=np.float32)
+    probe = np.zeros((len(arms), len(rows)), dtype=np.float32)
+    seqs = [torch.from_numpy(np.concatenate([p, y])).long()[None] for p, y in zip(prompts, ys)]
+
+    def answer_probs(model, i):  # softmax at the positions predicting y, and all argmaxes
+        p, y = prompts[i], ys[i]
+        logits = model(seqs[i]).logits[0].float()
+        return logits[len(p) - 1:len(p) - 1 + len(y)].softmax(-1), logits.argmax(-1).numpy()
+
+    with torch.no_grad():
+        target = LlamaForCausalLM.from_pretrained(zoo.target_path(), dtype=torch.bfloat16)
+        target_p = [answer_probs(target, i)[0] for i in range(len(rows))]
+        del target
+        for a, name in enumerate(arms[:-1]):
+            model = LlamaForCausalLM.from_pretrained(zoo.drafter_path(name), dtype=torch.bfloat16)
             for i, (p, y) in enumerate(zip(prompts, ys)):
-                seq = torch.from_numpy(np.concatenate([p, y])).long()[None]
-                pred = model(seq).logits[0].argmax(-1).numpy()
+                q, pred = answer_probs(model, i)
                 match = pred[len(p) - 1:len(p) - 1 + len(y)] == y  # predicts y[t]
                 sl = slice(offsets[i], offsets[i + 1])
                 acc[a, sl], bd[a, sl] = lm_outcomes(match, K)
+                align = (1 - 0.5 * (target_p[i] - q).abs().sum(-1)).numpy()
+                bd_full[a, sl] = [align[t:t + K].mean() for t in range(len(y))]
+                first = max(len(p) - 1 - PROBE_WINDOW, 0)
+                probe[a, i] = (pred[first:len(p) - 1] == p[first + 1:]).mean()
                 # The last positions cannot draft k tokens inside max_tokens.
                 drafted[a, sl] = np.minimum(K, len(y) - np.arange(len(y)))
-        print(f"recorded {name}", flush=True)
+            print(f"recorded {name}", flush=True)
     for i, (p, y) in enumerate(zip(prompts, ys)):
         sl = slice(offsets[i], offsets[i + 1])
         acc[-1, sl], bd[-1, sl], drafted[-1, sl] = ngram_outcomes(p, y, K, 2, 4)
+        ends = range(max(len(p) - 1 - PROBE_WINDOW, 1), len(p) - 1)
+        probe[-1, i] = np.mean([ngram_draft(p[:e], 1, 2, 4).tolist() == [p[e]] for e in ends]
+                               or [0.0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, acc=acc, bd=bd, drafted=drafted, offsets=offsets,
+    bd_full[-1] = bd[-1]  # n-gram: q is one-hot at a drafted token, p's mass there
+    np.savez_compressed(args.out, acc=acc, bd=bd, bd_full=bd_full, probe=probe,
+                        drafted=drafted, offsets=offsets,
                         arms=np.array(arms), domains=np.array([r["domain"] for r in rows]))
     print(f"wrote {args.out}: {len(rows)} prompts x {len(arms)} arms")
 
@@ -141,14 +168,19 @@ def load_trace(path) -> dict:
 # ---- replay -------------------------------------------------------------------
 
 def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
-           warm_start: bool = False, keep_choices: bool = False) -> dict:
+           warm_start: bool = False, keep_choices: bool = False, probe: bool = False) -> dict:
     """Run ``policy`` (a metasd.json policy object) over the trace's prompts in
     order, through the engine's own step controller: one bandit per prompt, as
     MetaSD keeps one per request (and, with ``warm_start``, a prior learned
-    over the prompts finished before); an empty draft earns 0 as in the engine."""
+    over the prompts finished before); an empty draft earns 0 as in the engine.
+    ``reward``: "bd" (match-based: share of drafted positions that agree),
+    "bd_full" (from the full distributions) or "acceptance"; ``probe``: the
+    prompt-informed start (each draft LM's prompt agreement, via the
+    controller's own ``probed``)."""
     from vllm_metasd.core import RequestStateStore, StepController, make_policy
 
-    acc, bd, drafted, offsets = trace["acc"], trace["bd"], trace["drafted"], trace["offsets"]
+    acc, drafted, offsets = trace["acc"], trace["drafted"], trace["offsets"]
+    bd = trace["bd_full"] if reward == "bd_full" else trace["bd"]
     params = {k: v for k, v in policy.items() if k != "name"}
     ctl = StepController(RequestStateStore(
         make_policy(policy["name"], acc.shape[0], seed=seed, **params), warm_start=warm_start))
@@ -157,12 +189,16 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
     for i in range(len(offsets) - 1):
         base, L, rid = offsets[i], offsets[i + 1] - offsets[i], str(i)
         t, n, a_sum, picks = 1, 0, 0, []
+        if probe:
+            ctl.begin([rid], one)
+            for arm in range(acc.shape[0]):
+                ctl.probed(arm, row, np.array([1]), trace["probe"][arm, i:i + 1])
         while t < L:
             arm = int(ctl.choose([rid], one)[0])
             a, d = int(acc[arm, base + t]), int(drafted[arm, base + t])
             ctl.drafted(arm, row, np.array([d]))
             if d:
-                r = float(bd[arm, base + t]) if reward == "bd" else a / d
+                r = a / d if reward == "acceptance" else float(bd[arm, base + t])
                 ctl.observe([rid], [d], [a], [r])
             picks.append(arm)
             t, n, a_sum = t + a + 1, n + 1, a_sum + a
@@ -209,6 +245,7 @@ GRID = {
     "epsilon_greedy": [{"epsilon": e} for e in (0.02, 0.05, 0.1, 0.2)],
 }
 RANDOMISED = {"exp3", "epsilon_greedy"}
+REWARDS = ("bd", "bd_full", "acceptance")
 
 
 def tune(args) -> None:
@@ -216,28 +253,31 @@ def tune(args) -> None:
     fixed = fixed_arm_steps(trace)
     rows = []
     for name, grid in GRID.items():
-        for params, reward, warm in itertools.product(grid, ("bd", "acceptance"), (False, True)):
+        for params, reward, warm, probe in itertools.product(grid, REWARDS, (False, True),
+                                                             (False, True)):
             seeds = range(args.seeds) if name in RANDOMISED else range(1)
-            runs = [summarize(trace, replay(trace, {"name": name, **params}, reward, s, warm),
-                              fixed) for s in seeds]
+            runs = [summarize(trace, replay(trace, {"name": name, **params}, reward, s, warm,
+                                            probe=probe), fixed) for s in seeds]
             row = {"policy": {"name": name, **params}, "reward": reward, "warm_start": warm,
+                   "probe": probe,
                    **{k: (float(np.mean([r[k] for r in runs])) if k != "best_single"
                           else runs[0][k]) for k in runs[0]}}
             rows.append(row)
     best = {}
-    for name, reward, warm in itertools.product(GRID, ("bd", "acceptance"), (False, True)):
+    for name, reward, warm, probe in itertools.product(GRID, REWARDS, (False, True),
+                                                       (False, True)):
         cands = [r for r in rows if r["policy"]["name"] == name and r["reward"] == reward
-                 and r["warm_start"] == warm]
-        best[f"{name}/{reward}" + ("/warm" if warm else "")] = min(
+                 and r["warm_start"] == warm and r["probe"] == probe]
+        best[f"{name}/{reward}" + ("/warm" if warm else "") + ("/probe" if probe else "")] = min(
             cands, key=lambda r: r["regret_steps"])
     result = {"trace": str(args.trace), "prompts": int(len(trace["offsets"]) - 1),
               "arms": [str(a) for a in trace["arms"]], "best": best, "all": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"{'policy/reward':32s} {'params':34s} {'MAL':>6s} {'/oracle':>8s} {'/best':>6s}")
+    print(f"{'policy/reward':38s} {'params':34s} {'MAL':>6s} {'/oracle':>8s} {'/best':>6s}")
     for key, r in best.items():
         params = {k: v for k, v in r["policy"].items() if k != "name"}
-        print(f"{key:32s} {json.dumps(params):34s} {r['mean_accepted_len']:6.3f} "
+        print(f"{key:38s} {json.dumps(params):34s} {r['mean_accepted_len']:6.3f} "
               f"{r['mean_accepted_len'] / r['oracle_mean_accepted_len']:8.3f} "
               f"{r['mean_accepted_len'] / r['best_single_mean_accepted_len']:6.3f}")
     if args.plot:
@@ -256,7 +296,8 @@ def plot_regret(trace: dict, best: dict, fixed: np.ndarray, path: Path) -> None:
     for key, r in best.items():
         if r["reward"] != "bd":
             continue
-        steps = replay(trace, r["policy"], "bd", warm_start=r["warm_start"])["steps"]
+        steps = replay(trace, r["policy"], "bd", warm_start=r["warm_start"],
+                       probe=r["probe"])["steps"]
         ax.plot(np.cumsum(steps - oracle), label=f"{key} {json.dumps(r['policy'])}")
     b = int(np.argmin(fixed.sum(axis=1)))
     ax.plot(np.cumsum(fixed[b] - oracle), "k--", label=f"best single ({trace['arms'][b]})")

@@ -3,6 +3,8 @@ vLLM's n-gram and the per-request oracle, at batch 1, 16 and 64.
 
     python benchmarks/selection.py --out benchmarks/results/selection.json
     python benchmarks/selection.py --pools default --rounds 1 --prompts 12   # quick
+    python benchmarks/selection.py --target smollm2    # SmolLM2-135M-Instruct
+    python benchmarks/selection.py --report benchmarks/results/selection.json  # table + plot
 
 Pools (issue 13): ``default`` = the zoo's five specialists + ``general`` +
 n-gram; ``paper`` = five specialists + ``general-equal`` (a general drafter
@@ -38,9 +40,17 @@ VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:alignment:bd+
             "metasd:throughput:bd+probe")
 
 
-def pool_config(general: str) -> dict:
-    from vllm_metasd import zoo
+TARGET = "zoo"  # --target: "zoo" (bundled 21M target) or "smollm2" (SmolLM2-135M-Instruct)
 
+
+def models():
+    from vllm_metasd.smollm2.workload import select
+
+    return select(TARGET)
+
+
+def pool_config(general: str) -> dict:
+    zoo = models()
     cfg = zoo.default_metasd_config()
     cfg["drafters"] = ([{"name": d, "kind": "draft_model", "path": zoo.drafter_path(d)}
                         for d in (*SPECIALISTS, general)]
@@ -50,8 +60,7 @@ def pool_config(general: str) -> dict:
 
 
 def spec_for(method: str, general: str):
-    from vllm_metasd import zoo
-
+    zoo = models()
     if method == "none":
         return None
     if method == "ngram":
@@ -67,8 +76,7 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
                max_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_metasd import zoo
-
+    zoo = models()
     llm = LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024, seed=0,
               max_num_seqs=64, speculative_config=spec_for(method_group[0], general))
     steps = [0]
@@ -142,16 +150,36 @@ def oracle(rounds: list[dict], singles: list[str]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "selection.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: results/selection.json (zoo), results/smollm2/selection.json")
+    ap.add_argument("--target", choices=("zoo", "smollm2"), default="zoo",
+                    help="smollm2: SmolLM2-135M-Instruct (python -m vllm_metasd.smollm2.fetch) "
+                         "with its distilled drafters and held-out chat prompts")
     ap.add_argument("--pools", default="default,paper")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=24, help="mixed prompts at batch 1")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--report", type=Path, default=None,
+                    help="print the table and write the plot of an existing JSON; run nothing")
     args = ap.parse_args()
+    if args.report is not None:
+        out = json.loads(args.report.read_text())
+        out.setdefault("target", "zoo")
+        print(table(out))
+        plot(out, args.report.with_suffix(".png"))
+        return 0
 
-    from vllm_metasd import zoo
+    global TARGET
+    TARGET = args.target
+    zoo = models()
+    if args.out is None:
+        args.out = HERE / "results" / ("smollm2/" if TARGET == "smollm2" else "") / "selection.json"
+    if TARGET == "smollm2":  # chat requests, domains interleaved
+        from vllm_metasd.smollm2.workload import chat_workload
 
-    prompts = [p["prompt"] for p in zoo.load_prompts()][:64]
+        prompts = chat_workload(zoo, None, 13)[0][:64]
+    else:
+        prompts = [p["prompt"] for p in zoo.load_prompts()][:64]
     pools = [p for p in args.pools.split(",")
              if p != "paper" or "general-equal" in zoo.DRAFTERS]
     groups: list[tuple[str, list[str]]] = []  # (general drafter, methods on one engine)
@@ -183,11 +211,67 @@ def main() -> int:
                  "arm_share": rounds[-1][key].get("arm_share"),
                  "identical_to_plain_bs1": [x["ids"] for x in rounds[0][key]["bs1"]] == reference}
             entries.append(e)
+    out = {"target": TARGET, "k": K, "max_tokens": args.max_tokens, "rounds": args.rounds,
+           "prompts_bs1": args.prompts, "methods": entries}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"k": K, "max_tokens": args.max_tokens, "rounds": args.rounds,
-                                    "prompts_bs1": args.prompts, "methods": entries},
-                                   indent=1) + "\n")
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(table(out))
+    plot(out, args.out.with_suffix(".png"))
     return 0
+
+
+def table(out: dict) -> str:
+    """Markdown: per pool and method, tokens/s at each batch size as a ratio to
+    the pool's best single method (drafter or n-gram) and to plain decoding,
+    and the mean accepted length as a ratio to the oracle's."""
+    lines = []
+    for pool in dict.fromkeys(e["pool"] for e in out["methods"]):
+        rows = [e for e in out["methods"] if e["pool"] == pool]
+        by = {e["method"]: e for e in rows}
+        singles = [e for e in rows if e["method"].startswith("draft:") or e["method"] == "ngram"]
+        lines += [f"**{pool} pool**", "",
+                  "| method | bs1 / best single | bs16 / best single | bs64 / best single "
+                  "| bs1 / plain | bs16 / plain | bs64 / plain | accepted len (/ oracle) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in rows:
+            cells = []
+            for plain in (False, True):
+                for b in (1, 16, 64):
+                    key = f"tokens_per_s_bs{b}"
+                    ref = (by["none"][key] if plain
+                           else max(x[key] for x in singles if x[key] is not None))
+                    cells.append("-" if e[key] is None else f"{e[key] / ref:.2f}")
+            mal = e["mean_accepted_len"] / max(by["oracle"]["mean_accepted_len"], 1e-9)
+            lines.append(f"| {e['method']} | " + " | ".join(cells)
+                         + f" | {e['mean_accepted_len']:.2f} ({mal:.2f}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pools = list(dict.fromkeys(e["pool"] for e in out["methods"]))
+    fig, axes = plt.subplots(1, len(pools), figsize=(7 * len(pools), 4), squeeze=False)
+    for ax, pool in zip(axes[0], pools):
+        rows = [e for e in out["methods"] if e["pool"] == pool]
+        plain = next(e for e in rows if e["method"] == "none")
+        x = np.arange(len(rows))
+        for i, b in enumerate((1, 16, 64)):
+            key = f"tokens_per_s_bs{b}"
+            ax.bar(x + (i - 1) * 0.27, [(e[key] or 0) / plain[key] for e in rows], 0.27,
+                   label=f"batch {b}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(x, [e["method"] for e in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("tokens/s / plain decoding")
+        ax.set_title(f"{out['target']}: {pool} pool (medians of {out['rounds']} rounds)")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

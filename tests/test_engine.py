@@ -56,6 +56,47 @@ def test_greedy_equals_plain_with_two_drafters(tiny_zoo, reference):
         del llm
 
 
+@pytest.mark.parametrize("objective", ["alignment", "throughput"])
+def test_prompt_probe_starts_on_the_drafter_that_agrees_with_the_prompt(metasd4_llm, plain_llm,
+                                                                       objective):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # Prompts that end in the target's own greedy text: the aligned drafter
+    # (the target's copy) agrees with it, the random ones do not.
+    tok = plain_llm.get_tokenizer()
+    seeds = [tok.encode(p) for p in PROMPTS[:8]]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    text = plain_llm.generate([TokensPrompt(prompt_token_ids=s) for s in seeds], params,
+                              use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=s + list(o.outputs[0].token_ids))
+               for s, o in zip(seeds, text)]
+    short = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    reference = [list(o.outputs[0].token_ids)
+                 for o in plain_llm.generate(prompts, short, use_tqdm=False)]
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+        "policy": {"name": "ucb", "beta": 1.0}, "objective": objective,
+        "prompt_probe": True, "warm_start": False})
+    metasd4_llm.collective_rpc("metasd_reset_stats")
+    try:
+        out = [list(metasd4_llm.generate([p], short, use_tqdm=False)[0].outputs[0].token_ids)
+               for p in prompts]
+        assert out == reference
+        s = stats(metasd4_llm)
+        assert s["phase_s"]["probe"] > 0
+        first = {}
+        for req_id, arm in metasd4_llm.collective_rpc("metasd_choices")[0]:
+            first.setdefault(req_id, arm)
+        assert len(first) == len(prompts)
+        if objective == "alignment":  # without the probe, UCB would try every arm first
+            assert set(first.values()) == {"good"}
+        else:  # the speed objective may also take the free n-gram arm
+            assert set(first.values()) <= {"good", "lookup"}
+    finally:
+        metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+            "objective": "alignment", "prompt_probe": False})
+
+
 def test_one_reward_per_request_step_from_the_chosen_arm(metasd4_llm):
     metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"policy": {"name": "fixed", "arm": 1}})
     metasd4_llm.collective_rpc("metasd_reset_stats")

@@ -54,3 +54,19 @@ def test_ucb_replay_approaches_the_oracle_and_beats_every_single_arm():
     assert s["mean_accepted_len"] > s["best_single_mean_accepted_len"]
     assert s["mean_accepted_len"] >= 0.8 * s["oracle_mean_accepted_len"]
     assert s["regret_steps"] >= 0
+
+
+def test_prompt_probe_in_replay_cuts_exploration():
+    # Each prompt's own domain arm agrees with its prompt; the others do not.
+    trace = synthetic_trace()
+    prompts = len(trace["offsets"]) - 1
+    trace["arms"] = np.array(["a", "b", "lookup"])
+    trace["probe"] = np.zeros((3, prompts), np.float32)
+    trace["probe"][np.arange(prompts) % 2, np.arange(prompts)] = 0.9
+    fixed = replay.fixed_arm_steps(trace)
+    policy = {"name": "ucb", "beta": 0.3}
+    blind = replay.summarize(trace, replay.replay(trace, policy), fixed)
+    probed = replay.summarize(trace, replay.replay(trace, policy, probe=True), fixed)
+    assert probed["regret_steps"] < blind["regret_steps"]
+    first = replay.replay(trace, policy, probe=True, keep_choices=True)["choices"]
+    assert [c[0] for c in first] == [p % 2 for p in range(prompts)]

@@ -229,20 +229,38 @@ class NgramArm:
         # Compile once now, with the argument types of every later call.
         self._match([0], np.full(1, 2, dtype=np.int32), np.zeros((1, 2), dtype=np.int32), k)
 
-    def _match(self, rows: list[int], seq_lens, token_ids, k: int) -> None:
+    def _match(self, rows: list[int], seq_lens, token_ids, k: int, ids=None, num=None) -> None:
         import numba
 
         threads = numba.get_num_threads()
         numba.set_num_threads(1)  # as vLLM below 8192 tokens: threads cost more
         try:
             batch_propose_numba(rows, seq_lens, token_ids, self.min_n, self.max_n,
-                                self.max_model_len, k, self._ids, self._num)
+                                self.max_model_len, k,
+                                self._ids if ids is None else ids,
+                                self._num if num is None else num)
         finally:
             numba.set_num_threads(threads)
 
     def draft(self, step: DraftStep) -> Draft:
         self._match(step.rows.tolist(), step.seq_lens, step.token_ids, step.k)
         return Draft(self._ids[step.rows, :step.k], lengths=self._num[step.rows])
+
+    def probe(self, step: DraftStep, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """As ``DraftLMArm.probe``: the share of the last ``window`` positions of
+        each row's known tokens where the lookup's first drafted token is the
+        one that follows (no draft: a miss). Runs once per new request."""
+        lens = step.seq_lens[step.rows].astype(np.int64)
+        agreement = np.zeros(len(lens))
+        for i, (row, n) in enumerate(zip(step.rows.tolist(), lens.tolist())):
+            ends = np.arange(max(n - 1 - window, 1), n - 1, dtype=np.int32)  # history lengths
+            history = np.ascontiguousarray(np.broadcast_to(step.token_ids[row, :n],
+                                                           (len(ends), n)))
+            ids = np.zeros((len(ends), 1), dtype=np.int32)
+            num = np.zeros(len(ends), dtype=np.int32)
+            self._match(list(range(len(ends))), ends, history, 1, ids, num)
+            agreement[i] = ((num > 0) & (ids[:, 0] == step.token_ids[row, ends])).mean()
+        return lens, agreement
 
 
 def _select_rows(sampling_metadata, rows: torch.Tensor):

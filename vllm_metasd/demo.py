@@ -1,7 +1,7 @@
 """The main job: MetaSD on the bundled model zoo, checked against plain decoding.
 
-    python -m vllm_metasd.demo [--config metasd.json] [--target DIR] [--num-prompts N]
-                               [--png FILE] [--verbose]
+    python -m vllm_metasd.demo [--config metasd.json] [--target DIR|smollm2]
+                               [--num-prompts N] [--png FILE] [--verbose]
 
 Runs the mixed-domain prompt set twice through vLLM on this machine, one request
 at a time and in float32: once without speculation, once with MetaSD. Greedy
@@ -9,7 +9,9 @@ outputs must be identical token for token (exit 1 otherwise). Prints one compact
 table: tokens/s of both, the speedup, identical yes/no, and per drafter its share
 of the engine steps, its acceptance rate and mean reward; writes a PNG of each
 drafter's share per prompt domain (``--png``). vLLM's own logs (engine, workers)
-go to a log file unless ``--verbose``.
+go to a log file unless ``--verbose``. ``--target smollm2``: SmolLM2-135M-Instruct
+with its distilled drafters and held-out chat prompts
+(``python -m vllm_metasd.smollm2.fetch`` first).
 """
 from __future__ import annotations
 
@@ -188,10 +190,23 @@ def plot_share_per_domain(per_domain: dict[str, dict[str, int]], path: Path,
     return path
 
 
+def smollm2_setup() -> tuple[str, dict, list[dict]]:
+    """SmolLM2-135M-Instruct, its drafters and its held-out chat prompts."""
+    from vllm_metasd import smollm2
+    from vllm_metasd.smollm2.workload import chat_workload
+
+    if not smollm2.available():
+        raise SystemExit("smollm2: target not converted; run: python -m vllm_metasd.smollm2.fetch")
+    prompts, domains = chat_workload(smollm2, None, 4)
+    return (smollm2.target_path(), smollm2.default_metasd_config(),
+            [{"domain": d, "prompt": p} for p, d in zip(prompts, domains)])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="metasd.json (default: the bundled zoo's)")
-    ap.add_argument("--target", help="target model directory (default: the zoo's)")
+    ap.add_argument("--target", help="target model directory (default: the zoo's), or "
+                    "'smollm2' for SmolLM2-135M-Instruct with its drafters and chat prompts")
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--png", default="metasd_demo_arm_share.png",
@@ -210,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         if log_path is not None:
             log_path.write_text("")
         with quiet(log_path):
-            target, config, prompts = default_setup(Path(tmp))
+            target, config, prompts = (smollm2_setup() if args.target == "smollm2"
+                                       else default_setup(Path(tmp)))
         if args.config:
             config = args.config
-        target = args.target or target
+        if args.target and args.target != "smollm2":
+            target = args.target
         prompts = prompts[: args.num_prompts]
         print(f"target: {target}\nprompts: {len(prompts)} (one at a time), "
               f"max_tokens: {args.max_tokens}, float32, greedy", flush=True)

@@ -235,13 +235,14 @@ class MetaSDProposer(DraftModelProposer):
         return drafts
 
     def _probe(self, rows, seq_lens, token_ids, block_table, sampling_metadata) -> None:
-        """Prompt-informed start: every draft LM passes over the new requests'
-        known tokens (filling its KV) and is scored on their text."""
+        """Prompt-informed start: every arm is scored on the new requests' known
+        tokens (a draft LM passes over them, filling its KV; the lookup tries
+        each of the last positions)."""
         step = DraftStep(rows=rows, starts=np.zeros(len(rows), dtype=np.int64),
                          seq_lens=seq_lens, token_ids=token_ids, block_table=block_table,
                          sampling_metadata=sampling_metadata, k=0, want_q=False)
         for a, arm in enumerate(self.arms):
-            if arm.deterministic or a in self.controller.disabled:
+            if a in self.controller.disabled:
                 continue
             try:
                 computed, agreement = arm.probe(step, PROBE_WINDOW)
