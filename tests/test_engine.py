@@ -159,13 +159,19 @@ def _second_token_counts(llm, n, seed):
     return [c.token_ids[1] for c in out.outputs]
 
 
-def test_sampling_distribution_matches_target(plain_llm, metasd4_llm):
+@pytest.mark.parametrize("objective,probe", [("alignment", False), ("throughput", True)])
+def test_sampling_distribution_matches_target(plain_llm, metasd4_llm, objective, probe):
     # The 2nd generated token is the first one verified by rejection sampling
     # (the 1st comes from prefill). Two-sample chi-square on its distribution.
-    metasd4_llm.collective_rpc("metasd_reconfigure",
-                               kwargs={"policy": {"name": "exp3", "gamma": 0.5}})
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+        "policy": {"name": "exp3", "gamma": 0.5}, "objective": objective,
+        "prompt_probe": probe})
     a = _second_token_counts(plain_llm, 600, seed=1)
-    b = _second_token_counts(metasd4_llm, 600, seed=2)
+    try:
+        b = _second_token_counts(metasd4_llm, 600, seed=2)
+    finally:
+        metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+            "objective": "alignment", "prompt_probe": False})
     tokens = sorted(set(a) | set(b))
     table = np.array([[a.count(t) for t in tokens], [b.count(t) for t in tokens]])
     # Pool rare tokens so expected counts are >= 5.
