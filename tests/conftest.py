@@ -50,8 +50,11 @@ def metasd_config(tiny_zoo, names, policy=None, k=3):
                              "prompt_lookup_max": 3})
         else:
             drafters.append({"name": name, "kind": "draft_model", "path": tiny_zoo[name]})
+    # The bandit's own choices (objective "alignment"): what these tests check;
+    # the throughput objective has tests of its own.
     return {"num_speculative_tokens": k, "drafters": drafters,
-            "policy": policy or {"name": "ucb", "beta": 1.0}, "log_stats_interval_s": 0}
+            "policy": policy or {"name": "ucb", "beta": 1.0}, "objective": "alignment",
+            "log_stats_interval_s": 0}
 
 
 @pytest.fixture(scope="session")

@@ -100,11 +100,14 @@ def test_full_information_updates_estimates_not_drafter_statistics():
 
 def test_throughput_drafts_only_with_the_rows_own_bandit_choice_or_a_free_arm():
     # Arm 1 would yield far more, but row "a"'s bandit prefers arm 0: the step
-    # only decides whether "a" drafts with arm 0, a free arm, or nothing.
-    store = RequestStateStore(make_policy("fixed", 3, arm=0))
+    # only decides whether "a" drafts with arm 0, a free arm, or nothing. (A
+    # pinned arm, policy "fixed", is never second-guessed.)
+    store = RequestStateStore(make_policy("ucb", 3, beta=1e-6))
     ctl = StepController(store, k=K, objective="throughput", free_arms=[False, False, True])
     seq = np.array([50])
     ctl.choose(["a"], np.array([True]), seq)
+    for arm, reward in ((0, 0.9), (1, 0.1), (2, 0.0)):  # its bandit: arm 0 aligns best
+        store.record(store.get("a"), arm, 4, 2, reward)
     ctl.observe_step_time(5, 4e-3)
     for arm in (0, 1):
         ctl.observe_group_time(arm, 1, 1e-3)

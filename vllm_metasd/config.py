@@ -117,7 +117,7 @@ class MetaSDConfig(_Strict):
     drafters: list[Drafter] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     reward: Literal["bd", "acceptance"] = "bd"
-    objective: Literal["alignment", "throughput"] = "alignment"
+    objective: Literal["alignment", "throughput"] = "throughput"
     seed: int = Field(default=0, ge=0)
     warm_start: bool = False
     prompt_probe: bool = False

@@ -69,6 +69,8 @@ class MetaSDProposer(DraftModelProposer):
             logger.warning("MetaSD: %s is set: drafter %r injects %s faults (tests only)",
                            FAULT_ENV, self.arm_names[i], mode)
             self.arms[i] = FaultyArm(self.arms[i], self.arm_names[i], mode, self.vocab_size)
+        parallel = vllm_config.parallel_config
+        self.ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
         self.controller = self._new_controller()
         self.telemetry = Telemetry(self.arm_names, self.config.log_stats_interval_s)
         self._sampled: torch.Tensor | None = None
@@ -83,7 +85,15 @@ class MetaSDProposer(DraftModelProposer):
     def _new_controller(self) -> StepController:
         store = RequestStateStore(self.config.make_policy(), self.arm_names,
                                   warm_start=self.config.warm_start)
-        return StepController(store, k=self.k, objective=self.config.objective,
+        objective = self.config.objective
+        if objective == "throughput" and self.ranks > 1:
+            # Its choices depend on each rank's own timings; the ranks of one
+            # drafter forward must choose alike, so they choose by alignment.
+            logger.warning("MetaSD: objective 'throughput' chooses from this process's "
+                           "timings; with %d ranks per model the ranks could disagree, "
+                           "so 'alignment' is used", self.ranks)
+            objective = "alignment"
+        return StepController(store, k=self.k, objective=objective,
                               free_arms=[a.deterministic for a in self.arms],
                               beta=float(self.config.policy.params.get("beta", 0.1)))
 

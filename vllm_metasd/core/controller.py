@@ -112,7 +112,8 @@ class StepController:
         arms = np.full(len(req_ids), -1, dtype=np.int64)
         rows = self._rows
         live = np.flatnonzero(active).tolist()
-        if self.objective == "throughput" and self.target_cost.seen and seq_lens is not None:
+        if (self.objective == "throughput" and self.target_cost.seen and seq_lens is not None
+                and self.store.policy.name != "fixed"):  # a pinned arm stays pinned
             arms[live] = self._choose_throughput([rows[r] for r in live], seq_lens[live])
             return arms
         for row in live:  # one bandit per request
