@@ -137,7 +137,7 @@ def test_readme_llm_example_runs_from_the_repo_root():
 
 
 def test_readme_serve_curl_and_openai_examples_as_written(tmp_path):
-    serve, curl = shell_commands(readme_block("bash", "vllm serve"))
+    serve, curl = shell_commands(readme_block("bash", "vllm serve vllm_metasd/zoo"))
     assert "vllm serve" in serve and curl.startswith("curl")
     port = _free_port()  # the only change: a free port instead of 8000
     serve = serve.replace("--port 8000", f"--port {port}")

@@ -349,3 +349,26 @@ def test_sampled_softmax_is_exact_when_every_token_is_drawn():
     loss = distil.kd_loss(m, few)
     loss.backward()
     assert torch.isfinite(loss) and m.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not smollm2.available(),
+                    reason="SmolLM2 target not converted (python -m vllm_metasd.smollm2.fetch)")
+def test_readme_smollm2_serve_and_chat_curl_as_written(tmp_path):
+    import subprocess
+
+    from test_quickstart import (_free_port, readme_block, running_server, shell_commands,
+                                 _metasd_chosen)
+
+    cmds = shell_commands(readme_block("bash", "smollm2/target --enforce-eager"))
+    serve = next(c for c in cmds if "vllm serve" in c)
+    curl = next(c for c in cmds if c.startswith("curl"))
+    port = _free_port()  # the only change: a free port instead of 8000
+    serve = serve.replace("--port 8000", f"--port {port}")
+    curl = curl.replace("localhost:8000", f"localhost:{port}")
+    with running_server(serve, tmp_path / "serve.log", port, shell=True):
+        out = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        resp = json.loads(out.stdout)
+        assert resp["usage"]["completion_tokens"] == 48
+        assert resp["choices"][0]["message"]["content"].strip()
+        assert _metasd_chosen(port) > 0  # MetaSD drafted
