@@ -33,7 +33,7 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")
 
 HERE = Path(__file__).resolve().parent
 
-from parity import K, spec_for  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from parity import spec_for  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 class Clock:

@@ -42,7 +42,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 HERE = Path(__file__).resolve().parent
 K = 4
-PROBE_WINDOW = 32  # as vllm_metasd.proposer.PROBE_WINDOW
+PROBE_WINDOW = 32  # as vllm_metasd.evidence.PROBE_WINDOW
 
 
 # ---- trace --------------------------------------------------------------------

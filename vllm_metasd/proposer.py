@@ -6,7 +6,7 @@ One engine step, top to bottom:
 2. ``observe`` (the model-runner patch, right after rejection sampling): each
    request's alignment reward -> its bandit (``core.controller``);
 3. ``propose``: this step's new tokens join the runner's token buffer; a new
-   request's draft LMs are scored on its prompt (``prompt_probe``); each
+   request's arms are scored on its prompt (``evidence``, ``prompt_probe``); each
    request's bandit picks an arm (``controller.choose``); rows are grouped by
    arm, and each chosen arm drafts for its group (``arms``: a draft LM first
    catches up on the tokens it missed, then drafts k; n-gram looks up the
@@ -31,6 +31,7 @@ from vllm_metasd.config import MetaSDConfig, load_config
 from vllm_metasd.core import RequestStateStore, group_rows_by_arm
 from vllm_metasd.core.controller import StepController
 from vllm_metasd.core.draft import DraftStep
+from vllm_metasd.evidence import WouldBeDrafts, probe_new_requests
 from vllm_metasd.faults import FAULT_ENV, FaultyArm, check_draft, parse_fault_injection
 from vllm_metasd.feedback import Verification
 from vllm_metasd.telemetry import Telemetry, format_stats_line  # noqa: F401 (re-export)
@@ -41,9 +42,6 @@ logger = logging.getLogger("vllm.metasd")
 # tokens (vLLM itself needs no q there); a lower bound of 1 - TV, exact when q's
 # mass lies in them.
 TOP_Q = 64
-# Prompt-informed start: a new request's drafters are scored on the last
-# PROBE_WINDOW positions of its known text.
-PROBE_WINDOW = 32
 
 
 class MetaSDProposer(DraftModelProposer):
@@ -77,7 +75,7 @@ class MetaSDProposer(DraftModelProposer):
         self._valid: torch.Tensor | None = None
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last propose returned
-        self._would = None  # n-gram drafts not made last step, scored on this one
+        self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
                     self.arm_names, self.k, self.config.policy.name, self.config.reward)
@@ -177,14 +175,16 @@ class MetaSDProposer(DraftModelProposer):
         n = batch.num_reqs
         req_ids = batch.req_ids[:n]
         seq_lens, active, new_tokens, valid = self._append_new_tokens(batch, n)
-        if self._would is not None:
-            self._score_would_be_drafts(req_ids, new_tokens, valid)
+        self._would.score(self.controller, req_ids, new_tokens, valid)
         t = tel.add("inputs", t)
 
         new_rows = self.controller.begin(req_ids, active)
         if len(new_rows) and self.config.prompt_probe and self.reward_kind != "none":
-            self._probe(new_rows, seq_lens, batch.token_ids_cpu,
-                        common_attn_metadata.block_table_tensor, sampling_metadata)
+            probe_new_requests(self.arms, self.arm_names, self.controller, DraftStep(
+                rows=new_rows, starts=np.zeros(len(new_rows), dtype=np.int64),
+                seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
+                block_table=common_attn_metadata.block_table_tensor,
+                sampling_metadata=sampling_metadata, k=0, want_q=False))
             t = tel.add("probe", t)
         arms = self.controller.choose(req_ids, active, seq_lens)
         tel.record_choices(req_ids, arms)
@@ -235,7 +235,7 @@ class MetaSDProposer(DraftModelProposer):
             t = tel.add("assemble", t)
 
         if self.controller.objective == "throughput":
-            self._would_be_drafts(arms, req_ids, seq_lens, batch, k)
+            self._would.make(self.arms, arms, active, req_ids, seq_lens, batch.token_ids_cpu, k)
         self._last_draft_probs = q
         self._top = None if top is None else (list(req_ids), top)
         drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
@@ -243,60 +243,6 @@ class MetaSDProposer(DraftModelProposer):
         tel.maybe_log(self._snapshot)
         self._step_end = time.perf_counter()
         return drafts
-
-    def _probe(self, rows, seq_lens, token_ids, block_table, sampling_metadata) -> None:
-        """Prompt-informed start: every arm is scored on the new requests' known
-        tokens (a draft LM passes over them, filling its KV; the lookup tries
-        each of the last positions)."""
-        step = DraftStep(rows=rows, starts=np.zeros(len(rows), dtype=np.int64),
-                         seq_lens=seq_lens, token_ids=token_ids, block_table=block_table,
-                         sampling_metadata=sampling_metadata, k=0, want_q=False)
-        for a, arm in enumerate(self.arms):
-            if a in self.controller.disabled:
-                continue
-            try:
-                computed, agreement = arm.probe(step, PROBE_WINDOW)
-            except Exception as e:  # a drafter must never take the engine down
-                self.controller.failed(a, rows, self.arm_names[a], e)
-                continue
-            self.controller.probed(a, rows, computed, agreement)
-
-    def _would_be_drafts(self, arms, req_ids, seq_lens, batch, k: int) -> None:
-        """Full information for free arms (n-gram): what each would have drafted
-        for the rows it did not draft for; scored next step against the
-        verified tokens (``_score_would_be_drafts``)."""
-        self._would = None
-        for a, arm in enumerate(self.arms):
-            if not arm.deterministic:
-                continue
-            rows = np.flatnonzero((arms >= 0) & (arms != a))
-            if len(rows) == 0:
-                continue
-            d = arm.draft(DraftStep(rows=rows, starts=rows, seq_lens=seq_lens,
-                                    token_ids=batch.token_ids_cpu, block_table=None,
-                                    sampling_metadata=None, k=k, want_q=False))
-            self._would = (a, [req_ids[r] for r in rows], np.array(d.ids), np.array(d.lengths))
-            return  # one free arm is enough to learn from
-
-    def _score_would_be_drafts(self, req_ids, new_tokens, valid) -> None:
-        """The matched prefix of each would-be draft among this step's verified
-        tokens, per drafted token (an empty draft scores 0)."""
-        a, who, ids, lengths = self._would
-        self._would = None
-        row_of = {r: i for i, r in enumerate(req_ids)}
-        pick = [(j, row_of[r]) for j, r in enumerate(who) if r in row_of]
-        if not pick:
-            return
-        j, rows = map(np.array, zip(*pick))
-        ids, lengths = ids[j], lengths[j]
-        width = min(ids.shape[1], new_tokens.shape[1])
-        pos = np.arange(width)
-        hit = ((ids[:, :width] == new_tokens[rows, :width]) & (pos < valid[rows, None])
-               & (pos < lengths[:, None]))
-        matched = np.cumprod(hit, axis=1).sum(1)
-        reward = np.where(lengths > 0, matched / np.maximum(lengths, 1), 0.0)
-        self.controller.full_information(a, [who[i] for i in j], reward.tolist(),
-                                         matched.tolist())
 
     def _append_new_tokens(self, batch, n: int):
         """Write this step's verified tokens into the runner's token buffer right

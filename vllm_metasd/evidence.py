@@ -1,0 +1,79 @@
+"""What the bandits learn beyond the verified drafts of the chosen arm.
+
+- The prompt-informed start (metasd.json ``prompt_probe``): on a request's
+  first step every arm is scored on the request's own known tokens (a draft
+  LM passes over them, which also fills its KV; the lookup tries each of the
+  last positions), one observation per arm for the request's bandit.
+- Full information for free arms (the n-gram lookup, under the throughput
+  objective): what the lookup would have drafted for the rows it did not
+  draft for, scored on the next step against the verified tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vllm_metasd.core.controller import StepController
+from vllm_metasd.core.draft import DraftStep
+
+# The prompt probe scores the last PROBE_WINDOW positions of a new request's text.
+PROBE_WINDOW = 32
+
+
+def probe_new_requests(arms: list, names: list[str], controller: StepController,
+                       step: DraftStep) -> None:
+    """``step.rows``: this step's new requests (``controller.begin``)."""
+    for a, arm in enumerate(arms):
+        if a in controller.disabled:
+            continue
+        try:
+            computed, agreement = arm.probe(step, PROBE_WINDOW)
+        except Exception as e:  # a drafter must never take the engine down
+            controller.failed(a, step.rows, names[a], e)
+            continue
+        controller.probed(a, step.rows, computed, agreement)
+
+
+class WouldBeDrafts:
+    """One free arm's drafts for the rows it did not draft for, pending until
+    the next step's verified tokens score them."""
+
+    def __init__(self):
+        self._pending = None  # (arm, request ids, draft ids, draft lengths)
+
+    def make(self, arms: list, choice: np.ndarray, active: np.ndarray, req_ids: list[str],
+             seq_lens: np.ndarray, token_ids: np.ndarray, k: int) -> None:
+        self._pending = None
+        for a, arm in enumerate(arms):
+            if not arm.deterministic:
+                continue
+            rows = np.flatnonzero(active & (choice != a))
+            if len(rows) == 0:
+                return
+            d = arm.draft(DraftStep(rows=rows, starts=rows, seq_lens=seq_lens,
+                                    token_ids=token_ids, block_table=None,
+                                    sampling_metadata=None, k=k, want_q=False))
+            self._pending = (a, [req_ids[r] for r in rows], np.array(d.ids),
+                             np.array(d.lengths))
+            return  # one free arm is enough to learn from
+
+    def score(self, controller: StepController, req_ids: list[str], new_tokens: np.ndarray,
+              valid: np.ndarray) -> None:
+        """Each pending draft's matched prefix among this step's verified tokens:
+        reward per drafted token (an empty draft scores 0) and accepted count."""
+        if self._pending is None:
+            return
+        a, who, ids, lengths = self._pending
+        self._pending = None
+        row_of = {r: i for i, r in enumerate(req_ids)}
+        pick = [(j, row_of[r]) for j, r in enumerate(who) if r in row_of]
+        if not pick:
+            return
+        j, rows = map(np.array, zip(*pick))
+        ids, lengths = ids[j], lengths[j]
+        width = min(ids.shape[1], new_tokens.shape[1])
+        pos = np.arange(width)
+        hit = ((ids[:, :width] == new_tokens[rows, :width]) & (pos < valid[rows, None])
+               & (pos < lengths[:, None]))
+        matched = np.cumprod(hit, axis=1).sum(1)
+        reward = np.where(lengths > 0, matched / np.maximum(lengths, 1), 0.0)
+        controller.full_information(a, [who[i] for i in j], reward.tolist(), matched.tolist())
