@@ -1,6 +1,7 @@
 """Parity: MetaSD pinned to one drafter against vLLM's own draft_model with it.
 
     python benchmarks/parity.py --out benchmarks/results/parity.json
+    python benchmarks/parity.py --target smollm2 --drafter data   # SmolLM2-135M-Instruct
 
 Methods (drafter X, default ``general``): ``draft_model:X`` (vLLM's own),
 ``metasd:only:X`` (MetaSD with X alone, policy ``fixed``),
@@ -33,8 +34,17 @@ HERE = Path(__file__).resolve().parent
 K = 4
 
 
+TARGET = "zoo"  # --target: "zoo" (bundled 21M target) or "smollm2" (SmolLM2-135M-Instruct)
+
+
+def models():
+    from vllm_metasd.smollm2.workload import select
+
+    return select(TARGET)
+
+
 def spec_for(method: str, drafter: str):
-    from vllm_metasd import zoo
+    zoo = models()
 
     if method == "draft_model":
         return {"method": "draft_model", "model": zoo.drafter_path(drafter),
@@ -54,8 +64,7 @@ class Engine:
     def __init__(self, name: str, spec, batch: int):
         from vllm import LLM
 
-        from vllm_metasd import zoo
-
+        zoo = models()
         self.name = name
         self.llm = LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024,
                        max_num_seqs=batch, seed=0, speculative_config=spec)
@@ -148,7 +157,11 @@ def run_batch(batch: int, methods: list[str], drafter: str, prompts: list[str],
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "parity.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: results/parity.json (zoo), results/smollm2/parity.json")
+    ap.add_argument("--target", choices=("zoo", "smollm2"), default="zoo",
+                    help="smollm2: SmolLM2-135M-Instruct (python -m vllm_metasd.smollm2.fetch) "
+                         "with its drafters and chat prompts")
     ap.add_argument("--drafter", default="general")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=48, help="mixed prompts used")
@@ -156,12 +169,21 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     args = ap.parse_args()
 
-    from vllm_metasd import zoo
-
+    global TARGET
+    TARGET = args.target
+    zoo = models()
+    if args.out is None:
+        args.out = HERE / "results" / ("smollm2/" if TARGET == "smollm2" else "") / "parity.json"
     x = args.drafter
     methods = [f"draft_model:{x}", f"metasd:only:{x}", f"metasd:pinned:{x}", "metasd:default"]
     keys = ["draft_model:X", "metasd:only:X", "metasd:pinned:X", "metasd:default"]
-    prompts = [p["prompt"] for p in zoo.load_prompts()][:args.prompts]
+    if TARGET == "smollm2":  # chat requests, domains interleaved
+        from vllm_metasd.smollm2.workload import chat_workload
+
+        prompts = chat_workload(zoo, None, args.prompts // len(zoo.DOMAINS) + 1)[0]
+    else:
+        prompts = [p["prompt"] for p in zoo.load_prompts()]
+    prompts = prompts[:args.prompts]
     by_batch = {}
     for batch in map(int, args.batches.split(",")):
         internal = dict(zip(keys, methods))
