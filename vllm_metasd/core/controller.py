@@ -15,14 +15,16 @@ request's first step and freed by one call. The rules:
 - verification feedback updates the bandit of the arm that drafted;
 - preemption frees the request's drafter KV and drops its pending choice (its
   draft is never verified); resumption or a re-used id start from no KV;
-- objective "throughput": the whole step's arms are chosen together by
-  expected tokens per second (``core.objective``), from each request's
-  optimistic per-arm acceptance and costs measured online (the target's step
-  time per token, each arm group's drafting time); a row may draft nothing.
-  Arms whose would-be drafts cost nothing to score (n-gram) also learn from
-  every verified step (full information);
+- objective "throughput": each request's bandit still names its draft LM; the
+  whole step then decides together, by expected tokens per second
+  (``core.objective``), whether each row drafts with it, takes a free arm
+  (n-gram) or drafts nothing, from each request's optimistic tokens per step
+  with each arm and costs measured online (the target's time per processed
+  token, each arm group's drafting time). Arms whose would-be drafts cost
+  nothing to score (n-gram) also learn from every verified step (full
+  information). A pinned arm (policy "fixed") is never second-guessed;
 - prompt-informed start (``probed``): a new request's bandit starts with one
-  observation per draft LM, its agreement with the request's own text.
+  observation per arm, its agreement with the request's own text.
 
 ``propose`` in vllm_metasd/proposer.py and benchmarks/replay.py both drive it.
 """

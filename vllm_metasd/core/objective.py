@@ -17,9 +17,11 @@ group is cheap, opening one is not). Groups are opened greedily while one
 pays; lam is then recomputed and the choice redone (a few rounds). All of it
 is [B, A] numpy: no per-row Python.
 
-Expected tokens come from an arm's estimated per-token acceptance alpha (the
-mean alignment reward, optimistic by a UCB bonus): with k drafted tokens the
-step yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens in expectation.
+Expected tokens come from the controller (each request's observed tokens per
+step with each arm, optimistic by a UCB bonus); ``expected_tokens`` turns a
+per-token acceptance alpha into them where only a rate is known (the prompt
+probe's agreement): with k drafted tokens a step yields
+``(1 - alpha^(k+1)) / (1 - alpha)`` tokens in expectation.
 """
 from __future__ import annotations
 
