@@ -210,7 +210,7 @@ class MetaSDProposer(DraftModelProposer):
             forward0 = getattr(arm, "forward_s", 0.0)
             try:
                 draft = arm.draft(step)
-                steady = bool((seq_lens[rows] - step.starts <= k + 1).all())
+                steady = arm.deterministic or bool((seq_lens[rows] - step.starts <= k + 1).all())
                 t = self._charge_draft(t, a, len(rows), forward0, steady)
                 row_ids, row_lens = check_draft(draft, len(rows), k, self.vocab_size,
                                                 need_q=want_q and not arm.deterministic)
