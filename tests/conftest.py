@@ -34,6 +34,23 @@ def make_llm(target, speculative_config=None, **kwargs):
                speculative_config=speculative_config, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance for one test module (Ray tests: test_scale, test_ray_llm)."""
+    ray = pytest.importorskip("ray")
+    mp = pytest.MonkeyPatch()
+    # Ray's memory monitor kills actors when the *node* is near full, counting
+    # other processes too (parallel test sessions on a shared CI machine).
+    mp.setenv("RAY_memory_monitor_refresh_ms", "0")
+    mp.setenv("RAY_worker_niceness", "0")  # Ray's default 15 starves the engines on a busy host
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        mp.undo()
+
+
 @pytest.fixture(scope="session")
 def plain_llm(tiny_zoo):
     llm = make_llm(tiny_zoo["target"])

@@ -39,22 +39,6 @@ def reference(plain_llm):
     return texts, chat[0].outputs[0].text
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    mp = pytest.MonkeyPatch()
-    # Ray's memory monitor kills actors when the *node* is near full, counting
-    # other processes too (parallel test sessions on a shared CI machine).
-    mp.setenv("RAY_memory_monitor_refresh_ms", "0")
-    mp.setenv("RAY_worker_niceness", "0")  # Ray's default 15 starves the engines on a busy host
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        mp.undo()
-
-
 def _cfg(tiny_zoo):
     return metasd_config(tiny_zoo, ["good", "bad1", "lookup"], {"name": "ucb", "beta": 1.0})
 

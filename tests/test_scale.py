@@ -30,21 +30,6 @@ def reference(plain_llm):
     return _tokens(plain_llm.generate(PROMPTS, _params(), use_tqdm=False))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    mp = pytest.MonkeyPatch()
-    # Ray's memory monitor kills actors when the *node* is near full, counting
-    # other processes too (parallel test sessions on a shared CI machine).
-    mp.setenv("RAY_memory_monitor_refresh_ms", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        mp.undo()
-
-
 def test_two_ray_replicas_match_plain_decoding(tiny_zoo, reference, local_ray):
     from vllm_metasd import ray_replicas
 
