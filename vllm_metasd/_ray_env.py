@@ -1,9 +1,9 @@
-"""Shared by vllm_metasd.ray_serve and vllm_metasd.ray_data (no Ray or vLLM import here).
+"""Shared by vllm_metasd.ray_replicas, ray_serve and ray_data (no Ray or vLLM import here).
 
 - the MetaSD config is validated on the driver and travels inline, drafter paths
   made absolute (a Ray worker's working directory is not the driver's);
 - the driver's ``VLLM_*`` variables (e.g. ``VLLM_CPU_KVCACHE_SPACE``) are forwarded
-  into the Ray workers' ``runtime_env``, as in vllm_metasd.ray_replicas.
+  into the Ray workers' ``runtime_env`` (a multi-node cluster does not inherit them).
 """
 from __future__ import annotations
 

@@ -28,9 +28,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-# Driver environment forwarded to the actors (a multi-node cluster does not
-# inherit it): vLLM's own settings, e.g. VLLM_CPU_KVCACHE_SPACE, VLLM_PLUGINS.
-_FORWARD_ENV_PREFIXES = ("VLLM_",)
+from vllm_metasd._ray_env import runtime_env_with_vllm_vars
+
 
 
 class MetaSDReplica:
@@ -91,13 +90,13 @@ def start_replicas(model: str, speculative_config: Any, num_replicas: int, *,
     if cpu_binds is not None and len(cpu_binds) != num_replicas:
         raise ValueError(f"{len(cpu_binds)} cpu_binds for {num_replicas} replicas")
 
-    base_env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_ENV_PREFIXES)}
-    runtime_env = dict(runtime_env or {})
-    user_env = runtime_env.pop("env_vars", {})
+    # The driver's VLLM_* settings travel to the actors (a multi-node cluster
+    # does not inherit them), under the caller's own env_vars.
+    runtime_env = runtime_env_with_vllm_vars(runtime_env)
     actor_cls = ray.remote(MetaSDReplica)
     replicas = []
     for i in range(num_replicas):
-        env = {**base_env, **user_env}
+        env = dict(runtime_env["env_vars"])
         if cpu_binds is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binds[i]
         replicas.append(actor_cls.options(
