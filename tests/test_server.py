@@ -190,30 +190,42 @@ def test_client_disconnect_mid_stream_frees_metasd_state(server):
     import httpx
 
     client, target, _ = server
-    before = _settled_scrape(client)
     body = {"model": target, "prompt": "The quick brown fox", "max_tokens": 480,
             "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{_root(client)}/v1/completions", json=body) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
-            lines.close()
-        # the connection is closed here, after the first chunk
-    deadline = time.monotonic() + 15
-    while True:
-        after = _settled_scrape(client)
-        if _total(after, "metasd_live_requests") == 0 or time.monotonic() > deadline:
+
+    def disconnect_after_first_chunk():
+        """Tokens generated, and the scrapes before and after."""
+        before = _settled_scrape(client)
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{_root(client)}/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                lines = resp.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                lines.close()
+            # the connection is closed here, after the first chunk
+        deadline = time.monotonic() + 15
+        while True:
+            after = _settled_scrape(client)
+            if _total(after, "metasd_live_requests") == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        return before, after
+
+    # The tiny target with its exact-copy drafter makes 480 tokens in well under a
+    # second: on a busy machine the request may finish before the server notices
+    # the disconnect. Such an attempt proves nothing; try again (a server that
+    # never aborts fails every attempt).
+    for _attempt in range(4):
+        before, after = disconnect_after_first_chunk()
+        generated = _total(after, "vllm:generation_tokens_total") - _total(
+            before, "vllm:generation_tokens_total")
+        if generated < 480:
             break
-        time.sleep(0.2)
-
-    def delta(name):
-        return _total(after, name) - _total(before, name)
-
     # the request had MetaSD state (its bandit chose drafters) ...
-    assert delta("metasd_drafter_chosen_total") >= 1
+    assert _total(after, "metasd_drafter_chosen_total") > _total(
+        before, "metasd_drafter_chosen_total")
     # ... vLLM aborted it on the disconnect, long before max_tokens ...
-    assert 0 < delta("vllm:generation_tokens_total") < 480
+    assert 0 < generated < 480
     # ... and its state is gone
     assert _total(after, "metasd_live_requests") == 0
 
