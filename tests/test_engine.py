@@ -76,7 +76,7 @@ def test_prompt_probe_starts_on_the_drafter_that_agrees_with_the_prompt(metasd4_
                  for o in plain_llm.generate(prompts, short, use_tqdm=False)]
     metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
         "policy": {"name": "ucb", "beta": 1.0}, "objective": objective,
-        "prompt_probe": True, "warm_start": False})
+        "prompt_probe": True, "warm_start": False, "speculation_gate": False})
     metasd4_llm.collective_rpc("metasd_reset_stats")
     try:
         out = [list(metasd4_llm.generate([p], short, use_tqdm=False)[0].outputs[0].token_ids)
@@ -94,7 +94,24 @@ def test_prompt_probe_starts_on_the_drafter_that_agrees_with_the_prompt(metasd4_
             assert set(first.values()) <= {"good", "lookup"}
     finally:
         metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
-            "objective": "alignment", "prompt_probe": False})
+            "objective": "alignment", "prompt_probe": False, "speculation_gate": True})
+
+
+def test_speculation_gate_mixes_plain_steps_in_and_stays_exact(metasd4_llm, plain_llm):
+    """Throughput objective with the gate: once both modes were measured at a
+    batch size, plain steps (no drafts, no choice) alternate with speculative
+    ones; greedy output stays the target's."""
+    reference = greedy(plain_llm, PROMPTS, max_tokens=64)
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+        "policy": {"name": "ucb", "beta": 1.0}, "objective": "throughput"})
+    metasd4_llm.collective_rpc("metasd_reset_stats")
+    try:
+        assert greedy(metasd4_llm, PROMPTS, max_tokens=64) == reference
+        s = stats(metasd4_llm)
+        assert s["plain_steps"] > 0
+        assert sum(d["drafted"] for d in s["drafters"].values()) > 0
+    finally:
+        metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"objective": "alignment"})
 
 
 def test_one_reward_per_request_step_from_the_chosen_arm(metasd4_llm):
@@ -165,13 +182,13 @@ def test_sampling_distribution_matches_target(plain_llm, metasd4_llm, objective,
     # (the 1st comes from prefill). Two-sample chi-square on its distribution.
     metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
         "policy": {"name": "exp3", "gamma": 0.5}, "objective": objective,
-        "prompt_probe": probe})
+        "prompt_probe": probe, "speculation_gate": False})  # every step verifies drafts
     a = _second_token_counts(plain_llm, 600, seed=1)
     try:
         b = _second_token_counts(metasd4_llm, 600, seed=2)
     finally:
         metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
-            "objective": "alignment", "prompt_probe": False})
+            "objective": "alignment", "prompt_probe": False, "speculation_gate": True})
     tokens = sorted(set(a) | set(b))
     table = np.array([[a.count(t) for t in tokens], [b.count(t) for t in tokens]])
     # Pool rare tokens so expected counts are >= 5.

@@ -121,6 +121,7 @@ class MetaSDConfig(_Strict):
     seed: int = Field(default=0, ge=0)
     warm_start: bool = False
     prompt_probe: bool = False
+    speculation_gate: bool = True
     log_stats_interval_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
 
     @pydantic.field_validator("drafters")
@@ -179,6 +180,7 @@ _HINTS = {
     "seed": "use an integer >= 0",
     "warm_start": "use true or false",
     "prompt_probe": "use true or false",
+    "speculation_gate": "use true or false",
     "log_stats_interval_s": "use a finite number of seconds >= 0 (0 disables the periodic log)",
 }
 

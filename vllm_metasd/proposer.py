@@ -31,6 +31,7 @@ from vllm_metasd.config import MetaSDConfig, load_config
 from vllm_metasd.core import RequestStateStore, group_rows_by_arm
 from vllm_metasd.core.controller import StepController
 from vllm_metasd.core.draft import DraftStep
+from vllm_metasd.core.gate import SpeculationGate
 from vllm_metasd.evidence import WouldBeDrafts, probe_new_requests
 from vllm_metasd.faults import FAULT_ENV, FaultyArm, check_draft, parse_fault_injection
 from vllm_metasd.feedback import Verification
@@ -70,11 +71,15 @@ class MetaSDProposer(DraftModelProposer):
         parallel = vllm_config.parallel_config
         self.ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
         self.controller = self._new_controller()
+        self.gate = self._new_gate()
         self.telemetry = Telemetry(self.arm_names, self.config.log_stats_interval_s)
         self._sampled: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last propose returned
+        # The last step for the gate: (rows, speculated, tokens drafted, its start)
+        self._last_step: tuple[int, bool, int, float] | None = None
+        self.plain_steps = 0  # steps the gate ran without speculation
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
@@ -94,6 +99,14 @@ class MetaSDProposer(DraftModelProposer):
         return StepController(store, k=self.k, objective=objective,
                               free_arms=[a.deterministic for a in self.arms],
                               beta=float(self.config.policy.params.get("beta", 0.1)))
+
+    def _new_gate(self) -> SpeculationGate | None:
+        """Under the throughput objective (not for a pinned arm): whether a step
+        speculates at all, from measured tokens/s per batch size (core.gate)."""
+        if (not self.config.speculation_gate or self.controller.objective != "throughput"
+                or self.config.policy.name == "fixed"):
+            return None
+        return SpeculationGate()
 
     @property
     def reward_kind(self) -> str:
@@ -166,7 +179,7 @@ class MetaSDProposer(DraftModelProposer):
                 common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
                 num_rejected_tokens_gpu=None, slot_mappings=None):
         tel, k = self.telemetry, num_speculative_tokens
-        t = time.perf_counter()
+        t = start = time.perf_counter()
         if self._step_end is not None and t - self._step_end < 2.0:  # not an idle gap
             # The target's forward that just ran, and the tokens it processed.
             self.controller.observe_step_time(common_attn_metadata.num_actual_tokens,
@@ -177,6 +190,8 @@ class MetaSDProposer(DraftModelProposer):
         seq_lens, active, new_tokens, valid = self._append_new_tokens(batch, n)
         self._would.score(self.controller, req_ids, new_tokens, valid)
         t = tel.add("inputs", t)
+        if not self._speculate(n, start, valid, common_attn_metadata.num_actual_tokens):
+            return self._plain_step(n, start)
 
         new_rows = self.controller.begin(req_ids, active)
         if len(new_rows) and self.config.prompt_probe and self.reward_kind != "none":
@@ -241,8 +256,34 @@ class MetaSDProposer(DraftModelProposer):
         drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
         tel.add("assemble", t)
         tel.maybe_log(self._snapshot)
+        self._last_step = (n, True, int(lengths.sum()), start)
         self._step_end = time.perf_counter()
         return drafts
+
+    def _speculate(self, n: int, start: float, valid: np.ndarray, processed: int) -> bool:
+        """The gate's decision for this step, after it learnt from the last one:
+        the wall time since the last step's start and the tokens it yielded,
+        when the target processed exactly that step's rows and drafts (no
+        prefill joined it) and every row got its tokens."""
+        if self.gate is None:
+            return True
+        if self._last_step is not None:
+            rows, speculated, drafted, t0 = self._last_step
+            if (rows == n and processed == n + drafted and start - t0 < 2.0
+                    and bool((valid > 0).all())):
+                self.gate.observe(n, speculated, int(valid.sum()), start - t0)
+        return self.gate.speculate(n)
+
+    def _plain_step(self, n: int, start: float) -> list[list[int]]:
+        """No speculation this step: no choice, no drafting, nothing to score
+        (drafters catch up on the missed tokens when next chosen)."""
+        self.plain_steps += 1
+        self._last_draft_probs = None
+        self._top = None
+        self.telemetry.maybe_log(self._snapshot)
+        self._last_step = (n, False, 0, start)
+        self._step_end = time.perf_counter()
+        return [[] for _ in range(n)]
 
     def _append_new_tokens(self, batch, n: int):
         """Write this step's verified tokens into the runner's token buffer right
@@ -344,10 +385,12 @@ class MetaSDProposer(DraftModelProposer):
         for arm in self.lm_arms:
             arm.top_q = TOP_Q if self.reward_kind == "bd" else 0
         self.controller = self._new_controller()
+        self.gate = self._new_gate()
 
     def reset_stats(self) -> None:
         self.controller.store.reset_stats()
         self.controller.placeholder_drafts = 0
+        self.plain_steps = 0
         self.telemetry.reset()
 
     def choices(self) -> list[tuple[str, str]]:
@@ -359,6 +402,7 @@ class MetaSDProposer(DraftModelProposer):
                 "tracked_requests": sum(1 for s in c.store.states() if s.computed),
                 "preempted": c.preempted,
                 "placeholder_drafts": c.placeholder_drafts,
+                "plain_steps": self.plain_steps,
                 "arm_failures": dict(zip(self.arm_names, c.total_failures)),
                 "disabled_arms": [self.arm_names[a] for a in sorted(c.disabled)]}
 

@@ -1,0 +1,57 @@
+"""The speculation gate (core.gate): speculate or not per batch size, from measured tokens/s."""
+import pytest
+
+from vllm_metasd.core.gate import SpeculationGate
+
+
+def run(gate, batch_size, steps, spec_rate, plain_rate):
+    """``steps`` decisions at one batch size, each observed at the mode's rate;
+    returns how many speculated."""
+    spec = 0
+    for _ in range(steps):
+        s = gate.speculate(batch_size)
+        spec += s
+        rate = spec_rate if s else plain_rate
+        gate.observe(batch_size, s, tokens=batch_size * 2, seconds=batch_size * 2 / rate)
+    return spec
+
+
+def test_tries_both_modes_then_keeps_the_faster_and_still_explores():
+    gate = SpeculationGate(explore_every=10, min_samples=3)
+    # speculation first (min_samples), then plain (min_samples)
+    assert [gate.speculate(16) for _ in range(1)] == [True]
+    gate.observe(16, True, 32, 0.1)
+    for _ in range(2):
+        assert gate.speculate(16)
+        gate.observe(16, True, 32, 0.1)  # 320 tokens/s
+    for _ in range(3):
+        assert not gate.speculate(16)
+        gate.observe(16, False, 16, 0.04)  # 400 tokens/s: plain is faster
+    assert gate.rate(16) == pytest.approx((400.0, 320.0))
+    decisions = [gate.speculate(16) for _ in range(400)]
+    # plain leads by 25%: the loser is explored once every 2 * 10 steps
+    assert 18 <= sum(decisions) <= 22
+
+
+def test_a_far_lead_is_checked_more_rarely():
+    gate = SpeculationGate(explore_every=10, min_samples=1)
+    gate.observe(1, True, 2, 0.01)  # 200 tokens/s
+    gate.observe(1, False, 1, 0.01)  # 100
+    assert sum(not gate.speculate(1) for _ in range(800)) == 10  # every 8 * 10 steps
+
+
+def test_batch_sizes_are_judged_apart():
+    gate = SpeculationGate(explore_every=20, min_samples=2)
+    assert run(gate, 1, 200, spec_rate=150, plain_rate=100) > 180  # speculation pays
+    assert run(gate, 16, 200, spec_rate=900, plain_rate=1200) < 20  # it does not
+    assert run(gate, 24, 10, spec_rate=900, plain_rate=1200) <= 1  # same bucket as 16
+    assert gate.rate(1)[1] > gate.rate(1)[0] and gate.rate(16)[0] > gate.rate(16)[1]
+
+
+def test_follows_a_change_in_the_machine_or_workload():
+    gate = SpeculationGate(explore_every=8, min_samples=2, decay=0.9)
+    assert run(gate, 4, 100, spec_rate=300, plain_rate=200) > 80
+    # speculation turns slow (e.g. the drafters stop matching): the explored
+    # plain steps win, and the gate follows within a few hundred steps
+    run(gate, 4, 300, spec_rate=100, plain_rate=200)
+    assert run(gate, 4, 100, spec_rate=100, plain_rate=200) < 20
