@@ -89,6 +89,10 @@ class MetaSDCollector:
             "made (its -1 placeholders: requests resumed after preemption, or new with one "
             "uncached token); with the per-drafter sums they add up to vLLM's draft tokens",
             value=float(snap.get("placeholder_drafts", 0)))
+        yield CounterMetricFamily(
+            "metasd_plain_steps", "Engine steps the speculation gate ran without speculation "
+            "(plain decoding measured faster at that batch size)",
+            value=float(snap.get("plain_steps", 0)))
         yield GaugeMetricFamily("metasd_live_requests",
                                 "Requests currently holding MetaSD bandit state",
                                 value=float(snap["live_requests"]))

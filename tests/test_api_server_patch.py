@@ -10,6 +10,7 @@ import pytest
 SNAPSHOT = {
     "arms": ["code", "lookup"],
     "live_requests": 2,
+    "plain_steps": 7,
     "drafters": {
         "code": {"chosen": 5, "drafted": 12, "accepted": 9, "acceptance_rate": 0.75,
                  "reward_count": 4, "mean_reward": 0.6},
@@ -51,6 +52,7 @@ def test_collector_exposes_per_drafter_metrics(api_server):
     assert math.isnan(got[("metasd_drafter_mean_reward", lookup)])  # never rewarded
     assert got[("metasd_drafter_chosen_total", lookup)] == 1
     assert got[("metasd_live_requests", ())] == 2
+    assert got[("metasd_plain_steps_total", ())] == 7
 
 
 def fake_engine(results=None, error=None, metasd=True):

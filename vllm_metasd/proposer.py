@@ -5,8 +5,10 @@ One engine step, top to bottom:
 1. ``on_schedule``: finished, preempted, resumed requests -> the controller's ledgers;
 2. ``observe`` (the model-runner patch, right after rejection sampling): each
    request's alignment reward -> its bandit (``core.controller``);
-3. ``propose``: this step's new tokens join the runner's token buffer; a new
-   request's arms are scored on its prompt (``evidence``, ``prompt_probe``); each
+3. ``propose``: this step's new tokens join the runner's token buffer; under
+   the throughput objective the speculation gate (``core.gate``) decides from
+   measured tokens/s whether this step speculates at all (if not: no drafts,
+   nothing below runs); a new request's arms are scored on its prompt (``evidence``, ``prompt_probe``); each
    request's bandit picks an arm (``controller.choose``); rows are grouped by
    arm, and each chosen arm drafts for its group (``arms``: a draft LM first
    catches up on the tokens it missed, then drafts k; n-gram looks up the
