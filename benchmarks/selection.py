@@ -10,7 +10,7 @@ Pools (issue 13): ``default`` = the zoo's five specialists + ``general`` +
 n-gram; ``paper`` = five specialists + ``general-equal`` (a general drafter
 trained with one specialist's budget, as in the paper's comparison) + n-gram.
 MetaSD runs as ``metasd:<objective>:<reward>[+probe][+nogate]`` (objectives
-``alignment`` and ``throughput``, reward ``bd``, ``+probe``: prompt-informed
+``alignment`` and ``throughput``, rewards ``bd`` and ``match``, ``+probe``: prompt-informed
 start, ``+nogate``: without the speculation gate) on one engine per pool,
 reconfigured between variants (bandit states, cost fits and the gate
 restart). Greedy, the zoo's mixed prompts. Each round starts every engine in
@@ -40,7 +40,8 @@ K = 4
 SPECIALISTS = ("code", "prose", "math", "data", "german")
 POOLS = {"default": "general", "paper": "general-equal"}
 VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:alignment:bd+probe",
-            "metasd:throughput:bd+probe", "metasd:throughput:bd+nogate")
+            "metasd:throughput:bd+probe", "metasd:throughput:bd+nogate",
+            "metasd:throughput:match")
 
 
 TARGET = "zoo"  # --target: "zoo" (bundled 21M target) or "smollm2" (SmolLM2-135M-Instruct)
@@ -163,6 +164,8 @@ def main() -> int:
                     help="smollm2: SmolLM2-135M-Instruct (python -m vllm_metasd.smollm2.fetch) "
                          "with its distilled drafters and held-out chat prompts")
     ap.add_argument("--pools", default="default,paper")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="MetaSD variants, comma-separated (default: all)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=24, help="mixed prompts at batch 1")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -187,13 +190,14 @@ def main() -> int:
         prompts = chat_workload(zoo, None, 13)[0][:64]
     else:
         prompts = [p["prompt"] for p in zoo.load_prompts()][:64]
+    variants = args.variants.split(",")
     pools = [p for p in args.pools.split(",")
              if p != "paper" or "general-equal" in zoo.DRAFTERS]
     groups: list[tuple[str, list[str]]] = []  # (general drafter, methods on one engine)
     groups += [("general", [m]) for m in ["none", "ngram"] + [f"draft:{d}" for d in SPECIALISTS]]
     for pool in pools:
         groups.append((POOLS[pool], [f"draft:{POOLS[pool]}"]))
-        groups.append((POOLS[pool], [f"{v}@{pool}" for v in VARIANTS]))
+        groups.append((POOLS[pool], [f"{v}@{pool}" for v in variants]))
     rounds = []
     for r in range(args.rounds):
         res = {}
@@ -212,7 +216,7 @@ def main() -> int:
         for m in ["none"] + singles:
             entries.append({"pool": pool, "method": m, **figures(rounds, m)})
         entries.append({"pool": pool, "method": "oracle", **oracle(rounds, singles)})
-        for v in VARIANTS:
+        for v in variants:
             key = f"{v}@{pool}"
             e = {"pool": pool, "method": v, **figures(rounds, key),
                  "arm_share": rounds[-1][key].get("arm_share"),

@@ -135,7 +135,7 @@ def test_directory_and_malformed_file(workdir):
      ["greater than prompt_lookup_max"]),
     ({"drafters__0__kind": "ngram", "drafters__0__path": DELETE}, "drafters",
      ["no drafter of kind 'draft_model'"]),
-    ({"reward": "accept"}, "reward", ["'bd' or 'acceptance'", "got 'accept'"]),
+    ({"reward": "accept"}, "reward", ["'bd', 'match' or 'acceptance'", "got 'accept'"]),
     ({"seed": -1}, "seed", ["greater than or equal to 0"]),
     ({"warm_start": "yes"}, "warm_start", ["valid boolean", "true or false"]),
     ({"log_stats_interval_s": -1.0}, "log_stats_interval_s", ["greater than or equal to 0"]),

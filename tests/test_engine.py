@@ -151,6 +151,21 @@ def test_bad_drafters_end_up_rarely_chosen(metasd4_llm):
     assert d["good"]["chosen"] / total > 0.5
 
 
+def test_match_reward_scores_the_targets_copy_1_and_stays_exact(metasd4_llm, reference):
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+        "policy": {"name": "ucb", "beta": 1.0}, "reward": "match"})
+    metasd4_llm.collective_rpc("metasd_reset_stats")
+    try:
+        assert greedy(metasd4_llm) == reference
+        d = stats(metasd4_llm)["drafters"]
+        # greedy: the target's copy always drafts the target's argmax
+        assert d["good"]["reward_count"] > 0 and d["good"]["mean_reward"] == 1.0
+        for bad in ("bad1", "bad2"):  # random weights: rarely the argmax
+            assert d[bad]["reward_count"] > 0 and d[bad]["mean_reward"] < 0.5
+    finally:
+        metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"reward": "bd"})
+
+
 def test_states_freed_after_many_requests_and_abort(metasd4_llm):
     from vllm import SamplingParams
 

@@ -1,4 +1,4 @@
-"""The engine's reward (core.rewards.bd_reward) against hand-computed values (no vLLM)."""
+"""The engine's rewards (core.rewards) against hand-computed values (no vLLM)."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_metasd.core import acceptance_reward, bd_reward, row_ids, segment_mean
+from vllm_metasd.core import acceptance_reward, bd_reward, match_reward, row_ids, segment_mean
 
 
 def logits_of(p):
@@ -50,6 +50,17 @@ def test_deterministic_draft_scores_the_target_probability_of_its_token():
     onehot = torch.nn.functional.one_hot(torch.tensor([0, 0]), 3).float()
     assert bd_reward(torch.tensor([0, 0]), onehot, logits_of(p),
                      torch.tensor([2])).item() == pytest.approx(r.item())
+
+
+def test_match_reward_hand_computed():
+    # Row 0 drafts 3 tokens: target argmaxes (0, 1, 2), drafts (0, 2, 2): 2 of 3
+    # agree (the third after a mismatch still counts); row 1 drafts nothing
+    # (NaN: no reward); row 2 drafts the placeholder -1 and a match: 1 of 2.
+    p = [[.5, .3, .2], [.1, .6, .3], [.2, .2, .6], [.1, .8, .1], [.7, .2, .1]]
+    r = match_reward(torch.tensor([0, 2, 2, -1, 0]), logits_of(p), torch.tensor([3, 3, 5]))
+    assert r[0].item() == pytest.approx(2 / 3)
+    assert math.isnan(r[1].item())
+    assert r[2].item() == pytest.approx(0.5)
 
 
 def test_placeholder_drafts_score_zero():

@@ -116,7 +116,7 @@ class MetaSDConfig(_Strict):
     num_speculative_tokens: int = Field(ge=1, le=MAX_SPEC_LEN)
     drafters: list[Drafter] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
-    reward: Literal["bd", "acceptance"] = "bd"
+    reward: Literal["bd", "match", "acceptance"] = "bd"
     objective: Literal["alignment", "throughput"] = "throughput"
     seed: int = Field(default=0, ge=0)
     warm_start: bool = False
@@ -175,7 +175,7 @@ _HINTS = {
                 '"path": "zoo/drafter-code"}]',
     "name": "use letters, digits, '_' or '-' only",
     "path": "give the drafter's model directory (config.json + weights)",
-    "reward": "use 'bd' (block divergence) or 'acceptance'",
+    "reward": "use 'bd' (block divergence), 'match' or 'acceptance'",
     "objective": "use 'throughput' (expected tokens per second of the step) or 'alignment'",
     "seed": "use an integer >= 0",
     "warm_start": "use true or false",

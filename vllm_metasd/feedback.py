@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from vllm_metasd.core.rewards import acceptance_reward, bd_reward
+from vllm_metasd.core.rewards import acceptance_reward, bd_reward, match_reward
 
 _local = threading.local()
 
@@ -54,7 +54,7 @@ def observe_drafts(
     target_logits: torch.Tensor,
 ) -> None:
     """Before rejection sampling (which may reuse ``target_logits`` in place):
-    the BD reward of every row, from the full distributions."""
+    the BD reward of every row, from the full distributions, or the match reward."""
     record: Verification | None = getattr(_local, "current", None)
     if record is None:
         return
@@ -63,6 +63,9 @@ def observe_drafts(
     if record.reward_kind == "bd":
         record.rewards = bd_reward(draft_token_ids, draft_probs, target_logits,
                                    cu_num_draft_tokens, record.q_top).cpu()
+    elif record.reward_kind == "match":
+        record.rewards = match_reward(draft_token_ids, target_logits,
+                                      cu_num_draft_tokens).cpu()
     record.seconds += time.perf_counter() - t0
 
 

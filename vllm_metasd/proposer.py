@@ -79,8 +79,10 @@ class MetaSDProposer(DraftModelProposer):
         self._valid: torch.Tensor | None = None
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last propose returned
-        # The last step for the gate: (rows, speculated, tokens drafted, its start)
-        self._last_step: tuple[int, bool, int, float] | None = None
+        # The last step for the gate: (rows, speculated, its start); and whether
+        # a request joined the batch since (its prefill is in the step's time)
+        self._last_step: tuple[int, bool, float] | None = None
+        self._joined = False
         self.plain_steps = 0  # steps the gate ran without speculation
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
@@ -164,6 +166,8 @@ class MetaSDProposer(DraftModelProposer):
             c.restarted(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
             c.restarted(new_req.req_id)
+        self._joined = bool(scheduler_output.scheduled_new_reqs
+                            or scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         self.telemetry.add("hooks", t0)
 
     def observe(self, req_ids: list[str], verification: Verification) -> None:
@@ -192,7 +196,7 @@ class MetaSDProposer(DraftModelProposer):
         seq_lens, active, new_tokens, valid = self._append_new_tokens(batch, n)
         self._would.score(self.controller, req_ids, new_tokens, valid)
         t = tel.add("inputs", t)
-        if not self._speculate(n, start, valid, common_attn_metadata.num_actual_tokens):
+        if not self._speculate(n, start, valid):
             return self._plain_step(n, start)
 
         new_rows = self.controller.begin(req_ids, active)
@@ -258,22 +262,21 @@ class MetaSDProposer(DraftModelProposer):
         drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
         tel.add("assemble", t)
         tel.maybe_log(self._snapshot)
-        self._last_step = (n, True, int(lengths.sum()), start)
+        self._last_step = (n, True, start)
         self._step_end = time.perf_counter()
         return drafts
 
-    def _speculate(self, n: int, start: float, valid: np.ndarray, processed: int) -> bool:
+    def _speculate(self, n: int, start: float, valid: np.ndarray) -> bool:
         """The gate's decision for this step, after it learnt from the last one:
         the wall time since the last step's start and the tokens it yielded,
-        when the target processed exactly that step's rows and drafts (no
-        prefill joined it) and every row got its tokens."""
+        when no request joined (no prefill in that time; requests that
+        finished only drop out) and every row got its tokens."""
         if self.gate is None:
             return True
-        if self._last_step is not None:
-            rows, speculated, drafted, t0 = self._last_step
-            if (rows == n and processed == n + drafted and start - t0 < 2.0
-                    and bool((valid > 0).all())):
-                self.gate.observe(n, speculated, int(valid.sum()), start - t0)
+        if self._last_step is not None and not self._joined:
+            rows, speculated, t0 = self._last_step
+            if start - t0 < 2.0 and bool((valid > 0).all()):
+                self.gate.observe(rows, speculated, int(valid.sum()), start - t0)
         return self.gate.speculate(n)
 
     def _plain_step(self, n: int, start: float) -> list[list[int]]:
@@ -283,7 +286,7 @@ class MetaSDProposer(DraftModelProposer):
         self._last_draft_probs = None
         self._top = None
         self.telemetry.maybe_log(self._snapshot)
-        self._last_step = (n, False, 0, start)
+        self._last_step = (n, False, start)
         self._step_end = time.perf_counter()
         return [[] for _ in range(n)]
 

@@ -16,8 +16,11 @@ the mode that loses is still tried now and then (the workload changes): once
 every ``explore_every`` steps of the bucket when the two are within 10% of
 each other, up to 8 times more rarely when the winner leads by far (plain
 decoding at 115 tokens/s against speculation at 215 needs little checking).
-Estimates are ratios of exponentially decayed sums (tokens over seconds), so
-a machine whose load changes is followed.
+Estimates are ratios of exponentially decayed sums (tokens over seconds) with
+a memory of ~200 samples per mode: long enough to average over requests (at
+batch 1 a single request whose drafts fail would otherwise switch speculation
+off for the next ones too; the per-row choice already handles such a request),
+short enough to follow a machine whose load changes.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 
 
 class SpeculationGate:
-    def __init__(self, explore_every: int = 32, min_samples: int = 4, decay: float = 0.97,
+    def __init__(self, explore_every: int = 32, min_samples: int = 4, decay: float = 0.995,
                  max_buckets: int = 16):
         self.explore_every, self.min_samples, self.decay = explore_every, min_samples, decay
         # [bucket, mode (0: plain, 1: speculative)]: decayed tokens, seconds; samples

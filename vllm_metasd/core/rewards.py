@@ -84,6 +84,17 @@ def bd_reward(draft_token_ids: torch.Tensor, draft_probs: torch.Tensor | None,
                         cu_num_draft_tokens)
 
 
+def match_reward(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
+                 cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """Share of each row's drafted tokens that are the target's most likely
+    token (argmax of the logits verification sees): no drafter probabilities
+    needed. At temperature 0 it is the BD of one-hot p and q, position by
+    position (a draft past the first mismatch still scores if it agrees
+    there). A placeholder draft (-1) scores 0."""
+    hit = draft_token_ids.long() == target_logits.argmax(dim=-1)
+    return segment_mean(hit, cu_num_draft_tokens)
+
+
 def acceptance_reward(num_accepted: torch.Tensor, num_drafted: torch.Tensor) -> torch.Tensor:
     """Accepted / drafted per row (float32); NaN where nothing was drafted."""
     return num_accepted.float() / num_drafted.float()
