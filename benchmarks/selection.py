@@ -121,6 +121,7 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
                 s = llm.collective_rpc("metasd_stats")[0]
                 total = sum(d["chosen"] for d in s["drafters"].values()) or 1
                 entry["arm_share"] = {n: d["chosen"] / total for n, d in s["drafters"].items()}
+                entry["gate"] = s.get("gate")  # per batch size: measured plain vs spec tokens/s
             out[m] = entry
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -219,7 +220,7 @@ def main() -> int:
         for v in variants:
             key = f"{v}@{pool}"
             e = {"pool": pool, "method": v, **figures(rounds, key),
-                 "arm_share": rounds[-1][key].get("arm_share"),
+                 "arm_share": rounds[-1][key].get("arm_share"), "gate": rounds[-1][key].get("gate"),
                  "identical_to_plain_bs1": [x["ids"] for x in rounds[0][key]["bs1"]] == reference}
             entries.append(e)
     out = {"target": TARGET, "k": K, "max_tokens": args.max_tokens, "rounds": args.rounds,
@@ -240,18 +241,21 @@ def table(out: dict) -> str:
         rows = [e for e in out["methods"] if e["pool"] == pool]
         by = {e["method"]: e for e in rows}
         singles = [e for e in rows if e["method"].startswith("draft:") or e["method"] == "ngram"]
+        cold = "tokens_per_s_bs16_cold" in by["none"]  # runs before the cold/warm split: no
         lines += [f"**{pool} pool**", "",
                   "| method | bs1 / best single | bs16 / best single | bs64 / best single "
-                  "| bs1 / plain | bs16 / plain | bs64 / plain | accepted len (/ oracle) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| bs1 / plain | bs16 / plain | bs64 / plain "
+                  + ("| bs16 / plain, first run | bs64 / plain, first run " if cold else "")
+                  + "| accepted len (/ oracle) |",
+                  "|---|---|---|---|---|---|---|" + ("---|---|" if cold else "") + "---|"]
         for e in rows:
             cells = []
-            for plain in (False, True):
-                for b in (1, 16, 64):
-                    key = f"tokens_per_s_bs{b}"
+            for plain, suffix in [(False, ""), (True, "")] + [(True, "_cold")] * cold:
+                for b in ((16, 64) if suffix else (1, 16, 64)):
+                    key = f"tokens_per_s_bs{b}{suffix}"
                     ref = (by["none"][key] if plain
                            else max(x[key] for x in singles if x[key] is not None))
-                    cells.append("-" if e[key] is None else f"{e[key] / ref:.2f}")
+                    cells.append("-" if e.get(key) is None else f"{e[key] / ref:.2f}")
             mal = e["mean_accepted_len"] / max(by["oracle"]["mean_accepted_len"], 1e-9)
             lines.append(f"| {e['method']} | " + " | ".join(cells)
                          + f" | {e['mean_accepted_len']:.2f} ({mal:.2f}) |")

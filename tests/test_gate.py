@@ -46,6 +46,10 @@ def test_batch_sizes_are_judged_apart():
     assert run(gate, 16, 200, spec_rate=900, plain_rate=1200) < 20  # it does not
     assert run(gate, 24, 10, spec_rate=900, plain_rate=1200) <= 1  # same bucket as 16
     assert gate.rate(1)[1] > gate.rate(1)[0] and gate.rate(16)[0] > gate.rate(16)[1]
+    snap = gate.snapshot()
+    assert list(snap) == ["1", "16-31"]
+    assert snap["16-31"]["plain_tokens_per_s"] == pytest.approx(1200.0, rel=1e-3)
+    assert snap["16-31"]["plain_samples"] + snap["16-31"]["spec_samples"] == 210
 
 
 def test_follows_a_change_in_the_machine_or_workload():

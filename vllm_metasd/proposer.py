@@ -408,6 +408,7 @@ class MetaSDProposer(DraftModelProposer):
                 "preempted": c.preempted,
                 "placeholder_drafts": c.placeholder_drafts,
                 "plain_steps": self.plain_steps,
+                "gate": None if self.gate is None else self.gate.snapshot(),
                 "arm_failures": dict(zip(self.arm_names, c.total_failures)),
                 "disabled_arms": [self.arm_names[a] for a in sorted(c.disabled)]}
 

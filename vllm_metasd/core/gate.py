@@ -63,6 +63,19 @@ class SpeculationGate:
             return not best
         return best
 
+    def snapshot(self) -> dict[str, dict]:
+        """Per batch size bucket seen ("16-31"): measured tokens/s and samples
+        of plain and speculative steps."""
+        out = {}
+        for b in np.flatnonzero(self.decisions).tolist():
+            lo = 1 << b
+            r_plain, r_spec = self.rate(lo)
+            out[f"{lo}-{2 * lo - 1}" if lo > 1 else "1"] = {
+                "plain_tokens_per_s": None if np.isnan(r_plain) else round(r_plain, 1),
+                "spec_tokens_per_s": None if np.isnan(r_spec) else round(r_spec, 1),
+                "plain_samples": int(self.samples[b, 0]), "spec_samples": int(self.samples[b, 1])}
+        return out
+
     def observe(self, batch_size: int, speculated: bool, tokens: int, seconds: float) -> None:
         """A step of ``batch_size`` rows yielded ``tokens`` in ``seconds`` (wall time
         from its proposal to the next)."""
