@@ -19,9 +19,10 @@ machine cancels), runs batch 1 (prompts one at a time), then batch 16 twice
 and batch 64 twice, and closes it; figures are medians over rounds. The
 second run of a batch size is the one reported (``tokens_per_s_bs16``: an
 engine already serving that load, MetaSD's online state learnt), the first
-is kept as ``tokens_per_s_bs16_cold`` (every method runs both alike). The oracle is, per prompt, the single method (drafter or n-gram)
-with the most tokens per step at batch 1 in hindsight: its batch-1 tokens/s
-adds up those picks (no single engine can run it at batch 16/64).
+is kept as ``tokens_per_s_bs16_cold`` (every method runs both alike). The
+oracle is, per prompt, the single method (drafter or n-gram) with the most
+tokens per step at batch 1 in hindsight: its batch-1 tokens/s adds up those
+picks (no single engine can run it at batch 16/64).
 """
 from __future__ import annotations
 
@@ -220,7 +221,8 @@ def main() -> int:
         for v in variants:
             key = f"{v}@{pool}"
             e = {"pool": pool, "method": v, **figures(rounds, key),
-                 "arm_share": rounds[-1][key].get("arm_share"), "gate": rounds[-1][key].get("gate"),
+                 "arm_share": rounds[-1][key].get("arm_share"),
+                 "gate": rounds[-1][key].get("gate"),
                  "identical_to_plain_bs1": [x["ids"] for x in rounds[0][key]["bs1"]] == reference}
             entries.append(e)
     out = {"target": TARGET, "k": K, "max_tokens": args.max_tokens, "rounds": args.rounds,
@@ -241,7 +243,7 @@ def table(out: dict) -> str:
         rows = [e for e in out["methods"] if e["pool"] == pool]
         by = {e["method"]: e for e in rows}
         singles = [e for e in rows if e["method"].startswith("draft:") or e["method"] == "ngram"]
-        cold = "tokens_per_s_bs16_cold" in by["none"]  # runs before the cold/warm split: no
+        cold = "tokens_per_s_bs16_cold" in by["none"]  # older results have no first runs
         lines += [f"**{pool} pool**", "",
                   "| method | bs1 / best single | bs16 / best single | bs64 / best single "
                   "| bs1 / plain | bs16 / plain | bs64 / plain "
