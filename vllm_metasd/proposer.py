@@ -45,6 +45,8 @@ logger = logging.getLogger("vllm.metasd")
 # tokens (vLLM itself needs no q there); a lower bound of 1 - TV, exact when q's
 # mass lies in them.
 TOP_Q = 64
+# Longer between two proposals: the engine was idle, not stepping; no timing sample.
+IDLE_GAP_S = 2.0
 
 
 class MetaSDProposer(DraftModelProposer):
@@ -186,7 +188,7 @@ class MetaSDProposer(DraftModelProposer):
                 num_rejected_tokens_gpu=None, slot_mappings=None):
         tel, k = self.telemetry, num_speculative_tokens
         t = start = time.perf_counter()
-        if self._step_end is not None and t - self._step_end < 2.0:  # not an idle gap
+        if self._step_end is not None and t - self._step_end < IDLE_GAP_S:
             # The target's forward that just ran, and the tokens it processed.
             self.controller.observe_step_time(common_attn_metadata.num_actual_tokens,
                                               t - self._step_end)
@@ -261,10 +263,7 @@ class MetaSDProposer(DraftModelProposer):
         self._top = None if top is None else (list(req_ids), top)
         drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
         tel.add("assemble", t)
-        tel.maybe_log(self._snapshot)
-        self._last_step = (n, True, start)
-        self._step_end = time.perf_counter()
-        return drafts
+        return self._end_step(drafts, speculated=True, start=start)
 
     def _speculate(self, n: int, start: float, valid: np.ndarray) -> bool:
         """The gate's decision for this step, after it learnt from the last one:
@@ -275,7 +274,7 @@ class MetaSDProposer(DraftModelProposer):
             return True
         if self._last_step is not None and not self._joined:
             rows, speculated, t0 = self._last_step
-            if start - t0 < 2.0 and bool((valid > 0).all()):
+            if start - t0 < IDLE_GAP_S and bool((valid > 0).all()):
                 self.gate.observe(rows, speculated, int(valid.sum()), start - t0)
         return self.gate.speculate(n)
 
@@ -285,10 +284,16 @@ class MetaSDProposer(DraftModelProposer):
         self.plain_steps += 1
         self._last_draft_probs = None
         self._top = None
+        return self._end_step([[] for _ in range(n)], speculated=False, start=start)
+
+    def _end_step(self, drafts: list[list[int]], speculated: bool,
+                  start: float) -> list[list[int]]:
+        """Either kind of step: the periodic log, and what the gate and the
+        target's cost fit time the next step from."""
         self.telemetry.maybe_log(self._snapshot)
-        self._last_step = (n, False, start)
+        self._last_step = (len(drafts), speculated, start)
         self._step_end = time.perf_counter()
-        return [[] for _ in range(n)]
+        return drafts
 
     def _append_new_tokens(self, batch, n: int):
         """Write this step's verified tokens into the runner's token buffer right
