@@ -30,17 +30,12 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-HERE = Path(__file__).resolve().parent
+import targets  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from targets import models  # noqa: E402
+
 K = 4
 
 
-TARGET = "zoo"  # --target: "zoo" (bundled 21M target) or "smollm2" (SmolLM2-135M-Instruct)
-
-
-def models():
-    from vllm_metasd.smollm2.workload import select
-
-    return select(TARGET)
 
 
 def spec_for(method: str, drafter: str):
@@ -169,15 +164,13 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     args = ap.parse_args()
 
-    global TARGET
-    TARGET = args.target
-    zoo = models()
+    zoo = targets.use(args.target)
     if args.out is None:
-        args.out = HERE / "results" / ("smollm2/" if TARGET == "smollm2" else "") / "parity.json"
+        args.out = targets.results_path("parity.json")
     x = args.drafter
     methods = [f"draft_model:{x}", f"metasd:only:{x}", f"metasd:pinned:{x}", "metasd:default"]
     keys = ["draft_model:X", "metasd:only:X", "metasd:pinned:X", "metasd:default"]
-    if TARGET == "smollm2":  # chat requests, domains interleaved
+    if args.target == "smollm2":  # chat requests, domains interleaved
         from vllm_metasd.smollm2.workload import chat_workload
 
         prompts = chat_workload(zoo, None, args.prompts // len(zoo.DOMAINS) + 1)[0]

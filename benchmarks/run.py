@@ -28,7 +28,9 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-HERE = Path(__file__).resolve().parent
+import targets  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from targets import models  # noqa: E402
+
 K = 4
 
 # Defaults picked with benchmarks/replay.py (see benchmarks/README.md).
@@ -38,14 +40,6 @@ METASD_POLICIES = {
     "sliding_window_ucb": {"name": "sliding_window_ucb", "beta": 0.1, "window": 64},
 }
 REWARDS = ("bd", "acceptance")
-TARGET = "zoo"  # --target: "zoo" (bundled 21M target) or "smollm2" (SmolLM2-135M-Instruct)
-
-
-def models():
-    """The model set benchmarked: vllm_metasd.zoo or vllm_metasd.smollm2."""
-    from vllm_metasd.smollm2.workload import select
-
-    return select(TARGET)
 
 
 def all_methods() -> list[str]:
@@ -135,8 +129,6 @@ def method_entry(method: str, rows: list[dict], domains: list[str], bs16=None) -
 def main(argv: list[str] | None = None) -> int:
     from vllm import SamplingParams
 
-    from vllm_metasd import zoo
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None,
                     help="default: results/results.json (zoo), results/smollm2/results.json")
@@ -155,15 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="vLLM dtype (the zoo is bf16)")
     ap.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
-    global TARGET
-    TARGET = args.target
-    zoo = models()
+    zoo = targets.use(args.target)
     if args.out is None:
-        args.out = HERE / "results" / ("smollm2/" if TARGET == "smollm2" else "") / "results.json"
+        args.out = targets.results_path("results.json")
     if not zoo.available():
-        raise SystemExit(f"{TARGET}: weights missing: python -m vllm_metasd.{TARGET}.build"
+        raise SystemExit(f"{args.target}: weights missing: python -m vllm_metasd.{args.target}.build"
                          + (" (target: python -m vllm_metasd.smollm2.fetch)"
-                            if TARGET == "smollm2" else ""))
+                            if args.target == "smollm2" else ""))
     per_domain = args.prompts_per_domain or (2 if args.quick else 8)
     max_tokens = args.max_tokens or (32 if args.quick else 96)
     methods = args.methods.split(",") if args.methods else all_methods()
@@ -172,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown methods {sorted(unknown)}; valid: {all_methods()}")
 
     # The mixed workload: held-out prompts of every domain, interleaved.
-    if args.prompts is not None or TARGET == "smollm2":   # chat requests
+    if args.prompts is not None or args.target == "smollm2":   # chat requests
         from vllm_metasd.smollm2.workload import chat_workload
 
         prompts, domains = chat_workload(zoo, args.prompts, per_domain)
@@ -236,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     singles = [m for m in bs1_rows if m.startswith("draft:") or m == "ngram"]
     if singles:
         results.append(oracle_entry(bs1_rows, singles, domains))
-    out = {"machine": machine(), "target": TARGET,
+    out = {"machine": machine(), "target": args.target,
            "prompts_file": None if args.prompts is None else str(args.prompts),
            "k": K, "max_tokens": max_tokens, "dtype": args.dtype,
            "prompts_per_domain": per_domain, "num_prompts": len(prompts),

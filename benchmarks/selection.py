@@ -36,7 +36,9 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-HERE = Path(__file__).resolve().parent
+import targets  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from targets import models  # noqa: E402
+
 K = 4
 SPECIALISTS = ("code", "prose", "math", "data", "german")
 POOLS = {"default": "general", "paper": "general-equal"}
@@ -45,13 +47,6 @@ VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:alignment:bd+
             "metasd:throughput:match")
 
 
-TARGET = "zoo"  # --target: "zoo" (bundled 21M target) or "smollm2" (SmolLM2-135M-Instruct)
-
-
-def models():
-    from vllm_metasd.smollm2.workload import select
-
-    return select(TARGET)
 
 
 def pool_config(general: str) -> dict:
@@ -181,12 +176,10 @@ def main() -> int:
         plot(out, args.report.with_suffix(".png"))
         return 0
 
-    global TARGET
-    TARGET = args.target
-    zoo = models()
+    zoo = targets.use(args.target)
     if args.out is None:
-        args.out = HERE / "results" / ("smollm2/" if TARGET == "smollm2" else "") / "selection.json"
-    if TARGET == "smollm2":  # chat requests, domains interleaved
+        args.out = targets.results_path("selection.json")
+    if args.target == "smollm2":  # chat requests, domains interleaved
         from vllm_metasd.smollm2.workload import chat_workload
 
         prompts = chat_workload(zoo, None, 13)[0][:64]
@@ -225,7 +218,7 @@ def main() -> int:
                  "gate": rounds[-1][key].get("gate"),
                  "identical_to_plain_bs1": [x["ids"] for x in rounds[0][key]["bs1"]] == reference}
             entries.append(e)
-    out = {"target": TARGET, "k": K, "max_tokens": args.max_tokens, "rounds": args.rounds,
+    out = {"target": args.target, "k": K, "max_tokens": args.max_tokens, "rounds": args.rounds,
            "prompts_bs1": args.prompts, "methods": entries}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
