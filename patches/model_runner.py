@@ -6,7 +6,7 @@ of the V1 hooks below; MetaSD runs on the V1 runner there too. An explicit
 ``VLLM_USE_V2_MODEL_RUNNER=1`` is refused with a clear error instead of being
 silently ignored. (On CPU vLLM always uses V1: no Triton.)
 
-Three thin wrappers on ``GPUModelRunner`` (which ``CPUModelRunner`` inherits):
+Four thin wrappers on ``GPUModelRunner`` (which ``CPUModelRunner`` inherits):
 
 - ``__init__``: when the speculative config carries a MetaSD config, replace
   the draft-model proposer vLLM built by ``MetaSDProposer`` (same interface,
@@ -14,9 +14,15 @@ Three thin wrappers on ``GPUModelRunner`` (which ``CPUModelRunner`` inherits):
 - ``_update_states``: before vLLM updates its batch, tell the proposer which
   requests finished, were aborted or preempted (bandit state and drafter KV
   bookkeeping are freed there).
+- ``propose_draft_token_ids``: ask the proposer first whether this step
+  speculates (its speculation gate); a plain step returns no drafts before
+  vLLM prepares the drafters' inputs (under async scheduling vLLM's
+  preparation still runs: it records the counts the next step needs).
 - ``_sample``: capture the alignment feedback computed during rejection
   sampling and hand it to the proposer, so each request's bandit is updated
-  before its next arm choice (the drafting of this same step).
+  before its next arm choice (the drafting of this same step). A step in
+  which no row has drafts is sampled by vLLM's plain sampler (vLLM sends
+  every step of a speculative engine through the rejection sampler).
 """
 from __future__ import annotations
 
@@ -75,6 +81,11 @@ def _sample(original):
         drafter = _metasd_drafter(self)
         if drafter is None or spec_decode_metadata is None:
             return original(self, logits, spec_decode_metadata)
+        if spec_decode_metadata.max_spec_len == 0:
+            # Nothing drafted (a plain step, e.g. the speculation gate's): the
+            # logits are one row per request, sampled as plain decoding does;
+            # the rejection sampler would only add its overhead.
+            return original(self, logits, None)
         with feedback.capture(drafter.reward_kind) as verification:
             verification.q_top = drafter.q_top_for(self.input_batch.req_ids,
                                                    spec_decode_metadata.num_draft_tokens)
@@ -86,8 +97,23 @@ def _sample(original):
     return sample
 
 
+def _propose_draft_token_ids(original):
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        drafter = _metasd_drafter(self)
+        if drafter is None or drafter.start_step(scheduler_output.total_num_scheduled_tokens,
+                                                 sampled_token_ids,
+                                                 self.discard_request_mask.np):
+            return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        if self.valid_sampled_token_count_event is not None:  # async scheduling
+            return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        return drafter.plain_step()
+
+    return propose_draft_token_ids
+
+
 def apply() -> None:
     wrap(VllmConfig, "use_v2_model_runner", _use_v2_model_runner)
     wrap(GPUModelRunner, "__init__", _init)
     wrap(GPUModelRunner, "_update_states", _update_states)
     wrap(GPUModelRunner, "_sample", _sample)
+    wrap(GPUModelRunner, "propose_draft_token_ids", _propose_draft_token_ids)

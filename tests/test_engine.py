@@ -87,11 +87,11 @@ def test_prompt_probe_starts_on_the_drafter_that_agrees_with_the_prompt(metasd4_
         first = {}
         for req_id, arm in metasd4_llm.collective_rpc("metasd_choices")[0]:
             first.setdefault(req_id, arm)
-        assert len(first) == len(prompts)
         if objective == "alignment":  # without the probe, UCB would try every arm first
-            assert set(first.values()) == {"good"}
-        else:  # the speed objective may also take the free n-gram arm
-            assert set(first.values()) <= {"good", "lookup"}
+            assert len(first) == len(prompts) and set(first.values()) == {"good"}
+        else:  # the speed objective may also take the free n-gram arm, or not draft
+            # (the "good" drafter is the target's copy: drafting k costs k target steps)
+            assert first and set(first.values()) <= {"good", "lookup"}
     finally:
         metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
             "objective": "alignment", "prompt_probe": False, "speculation_gate": True})
@@ -106,7 +106,9 @@ def test_speculation_gate_mixes_plain_steps_in_and_stays_exact(metasd4_llm, plai
         "policy": {"name": "ucb", "beta": 1.0}, "objective": "throughput"})
     metasd4_llm.collective_rpc("metasd_reset_stats")
     try:
-        assert greedy(metasd4_llm, PROMPTS, max_tokens=64) == reference
+        # the gate starts after the engine's first 32 speculative steps
+        for _ in range(3):
+            assert greedy(metasd4_llm, PROMPTS, max_tokens=64) == reference
         s = stats(metasd4_llm)
         assert s["plain_steps"] > 0
         assert sum(d["drafted"] for d in s["drafters"].values()) > 0

@@ -17,7 +17,7 @@ def run(gate, batch_size, steps, spec_rate, plain_rate):
 
 
 def test_tries_both_modes_then_keeps_the_faster_and_still_explores():
-    gate = SpeculationGate(explore_every=10, min_samples=3)
+    gate = SpeculationGate(explore_every=10, min_samples=3, warmup=0, burst=1)
     # speculation first (min_samples), then plain (min_samples)
     assert [gate.speculate(16) for _ in range(1)] == [True]
     gate.observe(16, True, 32, 0.1)
@@ -28,22 +28,46 @@ def test_tries_both_modes_then_keeps_the_faster_and_still_explores():
         assert not gate.speculate(16)
         gate.observe(16, False, 16, 0.04)  # 400 tokens/s: plain is faster
     assert gate.rate(16) == pytest.approx((400.0, 320.0))
+    for _ in range(9):  # 4 * min_samples of the loser: its lead is trusted
+        gate.observe(16, True, 32, 0.1)
     decisions = [gate.speculate(16) for _ in range(400)]
     # plain leads by 25%: the loser is explored once every 2 * 10 steps
     assert 18 <= sum(decisions) <= 22
 
 
 def test_a_far_lead_is_checked_more_rarely():
-    gate = SpeculationGate(explore_every=10, min_samples=1)
-    gate.observe(1, True, 2, 0.01)  # 200 tokens/s
-    gate.observe(1, False, 1, 0.01)  # 100
-    assert sum(not gate.speculate(1) for _ in range(800)) == 10  # every 8 * 10 steps
+    gate = SpeculationGate(explore_every=10, min_samples=1, warmup=0)
+    for _ in range(4):  # 4 * min_samples each: the lead is trusted
+        gate.observe(1, True, 2, 0.01)  # 200 tokens/s
+        gate.observe(1, False, 1, 0.01)  # 100
+    decisions = [gate.speculate(1) for _ in range(840)]
+    # a burst of 4 plain steps every 8 * 10 steps
+    assert sum(not d for d in decisions) == 40
+    assert "".join("p" if not d else "s" for d in decisions[:100]).count("pppp") == 1
+
+
+def test_a_cold_start_is_forgotten_after_one_burst():
+    """The first speculative steps of a cold engine are slow (every drafter is
+    still being tried): plain steps win the first comparison, and the next
+    exploration burst at speculation's real speed turns it back on."""
+    gate = SpeculationGate(explore_every=10, min_samples=4, warmup=0)
+    for _ in range(4):
+        assert gate.speculate(1)
+        gate.observe(1, True, 1, 0.02)  # 50 tokens/s
+    for _ in range(4):
+        assert not gate.speculate(1)
+        gate.observe(1, False, 1, 0.01)  # 100 tokens/s
+    spec = run(gate, 1, 150, spec_rate=200, plain_rate=100)
+    assert gate.rate(1)[1] > gate.rate(1)[0]
+    # plain's lead (2x) is measured on 4 speculative samples only: re-checked
+    # after 10 steps, not 80, and that burst turns speculation back on
+    assert spec > 150 - 10 - 20
 
 
 def test_batch_sizes_are_judged_apart():
-    gate = SpeculationGate(explore_every=20, min_samples=2)
+    gate = SpeculationGate(explore_every=20, min_samples=2, warmup=0)
     assert run(gate, 1, 200, spec_rate=150, plain_rate=100) > 180  # speculation pays
-    assert run(gate, 16, 200, spec_rate=900, plain_rate=1200) < 20  # it does not
+    assert run(gate, 16, 200, spec_rate=900, plain_rate=1200) < 30  # it does not
     assert run(gate, 24, 10, spec_rate=900, plain_rate=1200) <= 1  # same bucket as 16
     assert gate.rate(1)[1] > gate.rate(1)[0] and gate.rate(16)[0] > gate.rate(16)[1]
     snap = gate.snapshot()
@@ -53,9 +77,21 @@ def test_batch_sizes_are_judged_apart():
 
 
 def test_follows_a_change_in_the_machine_or_workload():
-    gate = SpeculationGate(explore_every=8, min_samples=2, decay=0.9)
+    gate = SpeculationGate(explore_every=8, min_samples=2, warmup=0, decay=0.9)
     assert run(gate, 4, 100, spec_rate=300, plain_rate=200) > 80
     # speculation turns slow (e.g. the drafters stop matching): the explored
     # plain steps win, and the gate follows within a few hundred steps
     run(gate, 4, 300, spec_rate=100, plain_rate=200)
     assert run(gate, 4, 100, spec_rate=100, plain_rate=200) < 20
+
+
+def test_starts_after_the_engines_first_speculative_steps():
+    """The first ``warmup`` speculative steps (the bandits trying every drafter)
+    are neither measured nor gated; plain steps before that are not counted."""
+    gate = SpeculationGate(explore_every=10, min_samples=2, warmup=3)
+    for _ in range(3):
+        assert gate.speculate(1)
+        gate.observe(1, True, 1, 1.0)  # 1 token/s: a cold start, not measured
+    assert gate.snapshot() == {}
+    assert run(gate, 1, 100, spec_rate=150, plain_rate=100) > 80
+    assert gate.rate(1)[1] == pytest.approx(150.0)

@@ -5,10 +5,14 @@ One engine step, top to bottom:
 1. ``on_schedule``: finished, preempted, resumed requests -> the controller's ledgers;
 2. ``observe`` (the model-runner patch, right after rejection sampling): each
    request's alignment reward -> its bandit (``core.controller``);
-3. ``propose``: this step's new tokens join the runner's token buffer; under
-   the throughput objective the speculation gate (``core.gate``) decides from
-   measured tokens/s whether this step speculates at all (if not: no drafts,
-   nothing below runs); a new request's arms are scored on its prompt (``evidence``, ``prompt_probe``); each
+3. ``start_step`` (the model-runner patch, before vLLM prepares any drafter
+   input): the n-gram arm's would-be drafts of the last step are scored on
+   this step's tokens; under the throughput objective the speculation gate
+   (``core.gate``) decides from measured tokens/s whether this step
+   speculates at all (if not: no drafts, and neither vLLM's drafter
+   preparation nor anything below runs);
+4. ``propose``: this step's new tokens join the runner's token buffer; a new
+   request's arms are scored on its prompt (``evidence``, ``prompt_probe``); each
    request's bandit picks an arm (``controller.choose``); rows are grouped by
    arm, and each chosen arm drafts for its group (``arms``: a draft LM first
    catches up on the tokens it missed, then drafts k; n-gram looks up the
@@ -77,13 +81,16 @@ class MetaSDProposer(DraftModelProposer):
         self.controller = self._new_controller()
         self.gate = self._new_gate()
         self.telemetry = Telemetry(self.arm_names, self.config.log_stats_interval_s)
-        self._sampled: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None
+        # This step (start_step): its start, rows, verified tokens [n, k+1] and
+        # their count per row (0: a partial prefill), and the gate's decision
+        self._step: tuple[float, int, np.ndarray, np.ndarray] | None = None
+        self._speculating = True
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last propose returned
-        # The last step for the gate: (rows, speculated, its start); and whether
-        # a request joined the batch since (its prefill is in the step's time)
-        self._last_step: tuple[int, bool, float] | None = None
+        # The last step for the gate: (rows, speculated, its start, steady: no
+        # drafter caught up on more than one step's tokens); and whether a
+        # request joined the batch since (its prefill is in the step's time)
+        self._last_step: tuple[int, bool, float, bool] | None = None
         self._joined = False
         self.plain_steps = 0  # steps the gate ran without speculation
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
@@ -148,15 +155,6 @@ class MetaSDProposer(DraftModelProposer):
         for arm in self.lm_arms:
             arm.dummy_run(num_tokens, *args, **kwargs)
 
-    def prepare_next_token_ids_padded(self, sampled_token_ids, requests, input_batch,
-                                      discard_request_mask):
-        next_ids, valid = super().prepare_next_token_ids_padded(
-            sampled_token_ids, requests, input_batch, discard_request_mask)
-        # This step's verified tokens and vLLM's count of them (0 for a partial
-        # prefill): the arms catch up from them.
-        self._sampled, self._valid = sampled_token_ids, valid
-        return next_ids, valid
-
     def on_schedule(self, scheduler_output) -> None:
         t0 = time.perf_counter()
         c = self.controller
@@ -182,24 +180,52 @@ class MetaSDProposer(DraftModelProposer):
 
     # ---- drafting ----------------------------------------------------------------
 
+    def start_step(self, num_target_tokens: int, sampled_token_ids: torch.Tensor,
+                   discard: np.ndarray) -> bool:
+        """Whether this step speculates: called by the model-runner patch with
+        the tokens the target's forward processed, what it sampled ([n, k+1],
+        -1 past the accepted ones) and vLLM's mask of rows whose sample is
+        discarded (a partial prefill), before vLLM prepares the drafters'
+        inputs, which a plain step skips."""
+        t = start = time.perf_counter()
+        if self._step_end is not None and t - self._step_end < IDLE_GAP_S:
+            # The target's forward that just ran, and the tokens it processed.
+            self.controller.observe_step_time(num_target_tokens, t - self._step_end)
+        batch = self.runner.input_batch
+        n = batch.num_reqs
+        sampled = sampled_token_ids[:n].cpu().numpy()
+        # vLLM's count of valid sampled tokens (prepare_next_token_ids_padded)
+        valid = np.where(discard[:n], 0,
+                         ((sampled >= 0) & (sampled < self.vocab_size)).sum(1)).astype(np.int64)
+        self._step = (start, n, sampled, valid)
+        self._would.score(self.controller, batch.req_ids[:n], sampled, valid)
+        self._speculating = self._speculate(n, start, valid)
+        self.telemetry.add("inputs", t)
+        return self._speculating
+
+    def plain_step(self) -> list[list[int]]:
+        """No speculation this step: no choice, no drafting, nothing to score
+        (drafters catch up on the missed tokens when next chosen)."""
+        start, n = self._step[:2]
+        self.plain_steps += 1
+        self._last_draft_probs = None
+        self._top = None
+        return self._end_step([[] for _ in range(n)], speculated=False, start=start,
+                              steady=True)
+
     def propose(self, num_speculative_tokens, target_token_ids, target_positions,
                 target_hidden_states, next_token_ids, token_indices_to_sample,
                 common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
                 num_rejected_tokens_gpu=None, slot_mappings=None):
+        if not self._speculating:  # vLLM prepared the inputs anyway (async scheduling)
+            return self.plain_step()
         tel, k = self.telemetry, num_speculative_tokens
-        t = start = time.perf_counter()
-        if self._step_end is not None and t - self._step_end < IDLE_GAP_S:
-            # The target's forward that just ran, and the tokens it processed.
-            self.controller.observe_step_time(common_attn_metadata.num_actual_tokens,
-                                              t - self._step_end)
+        t = time.perf_counter()
+        start, n, new_tokens, valid = self._step
         batch = self.runner.input_batch
-        n = batch.num_reqs
         req_ids = batch.req_ids[:n]
-        seq_lens, active, new_tokens, valid = self._append_new_tokens(batch, n)
-        self._would.score(self.controller, req_ids, new_tokens, valid)
+        seq_lens, active = self._append_new_tokens(batch, n, new_tokens, valid)
         t = tel.add("inputs", t)
-        if not self._speculate(n, start, valid):
-            return self._plain_step(n, start)
 
         new_rows = self.controller.begin(req_ids, active)
         if len(new_rows) and self.config.prompt_probe and self.reward_kind != "none":
@@ -224,6 +250,7 @@ class MetaSDProposer(DraftModelProposer):
                torch.zeros(n, k, TOP_Q, dtype=torch.long, device=self.device)) if want_top else None
         groups = group_rows_by_arm(arms, len(self.arms))
         chosen = np.unique(arms[arms >= 0]).tolist()  # chosen arms only
+        all_steady = True
         for a in chosen:
             rows, arm = groups[a], self.arms[a]
             step = DraftStep(rows=rows, starts=self.controller.caught_up(a, rows),
@@ -234,6 +261,7 @@ class MetaSDProposer(DraftModelProposer):
             try:
                 draft = arm.draft(step)
                 steady = arm.deterministic or bool((seq_lens[rows] - step.starts <= k + 1).all())
+                all_steady &= steady
                 t = self._charge_draft(t, a, len(rows), forward0, steady)
                 row_ids, row_lens = check_draft(draft, len(rows), k, self.vocab_size,
                                                 need_q=want_q and not arm.deterministic)
@@ -263,50 +291,41 @@ class MetaSDProposer(DraftModelProposer):
         self._top = None if top is None else (list(req_ids), top)
         drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
         tel.add("assemble", t)
-        return self._end_step(drafts, speculated=True, start=start)
+        return self._end_step(drafts, speculated=True, start=start, steady=all_steady)
 
     def _speculate(self, n: int, start: float, valid: np.ndarray) -> bool:
         """The gate's decision for this step, after it learnt from the last one:
         the wall time since the last step's start and the tokens it yielded,
         when no request joined (no prefill in that time; requests that
-        finished only drop out) and every row got its tokens."""
+        finished only drop out), every row got its tokens and no drafter
+        caught up on missed tokens (a prompt, or the steps it sat out: a cost
+        of switching, not of speculating)."""
         if self.gate is None:
             return True
         if self._last_step is not None and not self._joined:
-            rows, speculated, t0 = self._last_step
-            if start - t0 < IDLE_GAP_S and bool((valid > 0).all()):
+            rows, speculated, t0, steady = self._last_step
+            if steady and start - t0 < IDLE_GAP_S and bool((valid > 0).all()):
                 self.gate.observe(rows, speculated, int(valid.sum()), start - t0)
         return self.gate.speculate(n)
 
-    def _plain_step(self, n: int, start: float) -> list[list[int]]:
-        """No speculation this step: no choice, no drafting, nothing to score
-        (drafters catch up on the missed tokens when next chosen)."""
-        self.plain_steps += 1
-        self._last_draft_probs = None
-        self._top = None
-        return self._end_step([[] for _ in range(n)], speculated=False, start=start)
-
-    def _end_step(self, drafts: list[list[int]], speculated: bool,
-                  start: float) -> list[list[int]]:
+    def _end_step(self, drafts: list[list[int]], speculated: bool, start: float,
+                  steady: bool) -> list[list[int]]:
         """Either kind of step: the periodic log, and what the gate and the
         target's cost fit time the next step from."""
         self.telemetry.maybe_log(self._snapshot)
-        self._last_step = (len(drafts), speculated, start)
+        self._last_step = (len(drafts), speculated, start, steady)
         self._step_end = time.perf_counter()
         return drafts
 
-    def _append_new_tokens(self, batch, n: int):
+    def _append_new_tokens(self, batch, n: int, sampled: np.ndarray, valid: np.ndarray):
         """Write this step's verified tokens into the runner's token buffer right
         after each row's known tokens (vLLM's bookkeeping writes the same values
         there later), so every arm reads the whole history in place.
-        Returns (tokens known per row, rows with a new token, the new tokens
-        [n, k+1], their count per row)."""
-        sampled = self._sampled[:n].cpu().numpy()
-        valid = self._valid[:n].cpu().numpy().astype(np.int64)
+        Returns (tokens known per row, rows with a new token)."""
         n_prev = batch.num_tokens_no_spec[:n]
         rows, cols = np.nonzero(np.arange(sampled.shape[1]) < valid[:, None])
         batch.token_ids_cpu[rows, n_prev[rows] + cols] = sampled[rows, cols]
-        return (n_prev + valid).astype(np.int32), valid > 0, sampled, valid
+        return (n_prev + valid).astype(np.int32), valid > 0
 
     def _charge_draft(self, t: float, a: int, rows: int, forward0: float,
                       steady: bool) -> float:

@@ -11,16 +11,23 @@ batch size bucket (1, 2-3, 4-7, 8-15, ...), and turns speculation off for a
 bucket where plain steps yield more tokens per second — the way vLLM's
 batch-size dynamic speculation does, learnt online instead of configured.
 
-Both modes are tried ``min_samples`` times before any comparison; after that
-the mode that loses is still tried now and then (the workload changes): once
-every ``explore_every`` steps of the bucket when the two are within 10% of
-each other, up to 8 times more rarely when the winner leads by far (plain
-decoding at 115 tokens/s against speculation at 215 needs little checking).
+The gate starts once the engine has made ``warmup`` speculative steps (its
+bandits' first tries of every drafter, slow and not what speculation yields
+later, are not measured). Then both modes are tried ``min_samples`` times
+before any comparison; after that
+the mode that loses is still tried now and then (the workload changes): a
+burst of ``burst`` steps once every ``explore_every`` steps of the bucket when
+the two are within 10% of each other, up to 8 times more rarely when the
+winner leads by far (plain decoding at 115 tokens/s against speculation at
+215 needs little checking) and the loser has ``4 * min_samples`` samples (a
+lead measured on the loser's first few steps is not trusted for long). A burst, not one step: the first speculative step
+after plain ones catches the drafters up on the tokens they missed, which is
+a switching cost, not what speculation yields, so the caller reports only
+steady steps and the burst's next steps are the ones measured.
 Estimates are ratios of exponentially decayed sums (tokens over seconds) with
-a memory of ~200 samples per mode: long enough to average over requests (at
-batch 1 a single request whose drafts fail would otherwise switch speculation
-off for the next ones too; the per-row choice already handles such a request),
-short enough to follow a machine whose load changes.
+a memory of ~50 samples per mode: long enough to average a few requests' steps,
+short enough that the first speculative steps of a cold engine (every drafter
+still being tried) are forgotten after one burst when speculation pays.
 """
 from __future__ import annotations
 
@@ -28,14 +35,17 @@ import numpy as np
 
 
 class SpeculationGate:
-    def __init__(self, explore_every: int = 32, min_samples: int = 4, decay: float = 0.995,
-                 max_buckets: int = 16):
+    def __init__(self, explore_every: int = 32, min_samples: int = 4, decay: float = 0.98,
+                 burst: int = 4, warmup: int = 32, max_buckets: int = 16):
         self.explore_every, self.min_samples, self.decay = explore_every, min_samples, decay
+        self.burst, self.warmup = burst, warmup
+        self.warmup_left = warmup  # speculative steps before the gate starts
         # [bucket, mode (0: plain, 1: speculative)]: decayed tokens, seconds; samples
         self.tokens = np.zeros((max_buckets, 2))
         self.seconds = np.zeros((max_buckets, 2))
         self.samples = np.zeros((max_buckets, 2), dtype=np.int64)
         self.decisions = np.zeros(max_buckets, dtype=np.int64)
+        self.exploring = np.zeros(max_buckets, dtype=np.int64)  # burst steps left
 
     def bucket(self, batch_size: int) -> int:
         return min(int(batch_size).bit_length() - 1, len(self.samples) - 1)
@@ -48,6 +58,8 @@ class SpeculationGate:
         return float(r[0]), float(r[1])
 
     def speculate(self, batch_size: int) -> bool:
+        if self.warmup_left > 0:
+            return True
         b = self.bucket(batch_size)
         self.decisions[b] += 1
         plain, spec = self.samples[b] < self.min_samples
@@ -58,8 +70,12 @@ class SpeculationGate:
         r_plain, r_spec = self.rate(batch_size)
         best = bool(r_spec >= r_plain)
         lead = max(r_plain, r_spec) / max(min(r_plain, r_spec), 1e-9) - 1.0
-        every = self.explore_every * int(np.clip(lead / 0.1, 1, 8))
+        settled = self.samples[b, int(not best)] >= 4 * self.min_samples
+        every = self.explore_every * (int(np.clip(lead / 0.1, 1, 8)) if settled else 1)
         if self.decisions[b] % every == 0:
+            self.exploring[b] = self.burst
+        if self.exploring[b] > 0:
+            self.exploring[b] -= 1
             return not best
         return best
 
@@ -79,6 +95,9 @@ class SpeculationGate:
     def observe(self, batch_size: int, speculated: bool, tokens: int, seconds: float) -> None:
         """A step of ``batch_size`` rows yielded ``tokens`` in ``seconds`` (wall time
         from its proposal to the next)."""
+        if self.warmup_left > 0:
+            self.warmup_left -= speculated
+            return
         b, m = self.bucket(batch_size), int(speculated)
         self.tokens[b, m] = self.decay * self.tokens[b, m] + tokens
         self.seconds[b, m] = self.decay * self.seconds[b, m] + seconds
