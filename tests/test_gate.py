@@ -95,3 +95,11 @@ def test_starts_after_the_engines_first_speculative_steps():
     assert gate.snapshot() == {}
     assert run(gate, 1, 100, spec_rate=150, plain_rate=100) > 80
     assert gate.rate(1)[1] == pytest.approx(150.0)
+
+
+def test_a_lead_over_plain_steps_is_trusted_at_once():
+    """Plain steps yield one token at a steady time: their min_samples are
+    enough, and speculation's far lead means rare plain bursts at once."""
+    gate = SpeculationGate(explore_every=10, min_samples=2, warmup=0)
+    spec = run(gate, 1, 200, spec_rate=200, plain_rate=100)
+    assert 200 - spec == 2 + 2 * 4  # min_samples, then a burst at decisions 80 and 160

@@ -19,8 +19,10 @@ the mode that loses is still tried now and then (the workload changes): a
 burst of ``burst`` steps once every ``explore_every`` steps of the bucket when
 the two are within 10% of each other, up to 8 times more rarely when the
 winner leads by far (plain decoding at 115 tokens/s against speculation at
-215 needs little checking) and the loser has ``4 * min_samples`` samples (a
-lead measured on the loser's first few steps is not trusted for long). A burst, not one step: the first speculative step
+215 needs little checking) once the lead is trusted: plain steps yield one
+token each at a steady time, so ``min_samples`` of them are enough; speculative
+steps vary, so a lead over speculation waits for ``4 * min_samples`` of its
+steps. A burst, not one step: the first speculative step
 after plain ones catches the drafters up on the tokens they missed, which is
 a switching cost, not what speculation yields, so the caller reports only
 steady steps and the burst's next steps are the ones measured.
@@ -70,7 +72,9 @@ class SpeculationGate:
         r_plain, r_spec = self.rate(batch_size)
         best = bool(r_spec >= r_plain)
         lead = max(r_plain, r_spec) / max(min(r_plain, r_spec), 1e-9) - 1.0
-        settled = self.samples[b, int(not best)] >= 4 * self.min_samples
+        # speculative steps vary (1 to k+1 tokens), plain ones hardly: a lead over
+        # speculation is trusted after 4 * min_samples of its steps
+        settled = self.samples[b, int(not best)] >= self.min_samples * (1 if best else 4)
         every = self.explore_every * (int(np.clip(lead / 0.1, 1, 8)) if settled else 1)
         if self.decisions[b] % every == 0:
             self.exploring[b] = self.burst
