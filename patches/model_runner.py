@@ -100,11 +100,11 @@ def _sample(original):
 def _propose_draft_token_ids(original):
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         drafter = _metasd_drafter(self)
-        if drafter is None or drafter.start_step(scheduler_output.total_num_scheduled_tokens,
-                                                 sampled_token_ids,
-                                                 self.discard_request_mask.np):
-            return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
-        if self.valid_sampled_token_count_event is not None:  # async scheduling
+        speculates = drafter is None or drafter.start_step(
+            scheduler_output.total_num_scheduled_tokens, sampled_token_ids,
+            self.discard_request_mask.np)
+        # Under async scheduling vLLM's preparation records counts the next step reads.
+        if speculates or self.valid_sampled_token_count_event is not None:
             return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
         return drafter.plain_step()
 
