@@ -44,7 +44,7 @@ SPECIALISTS = ("code", "prose", "math", "data", "german")
 POOLS = {"default": "general", "paper": "general-equal"}
 VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:alignment:bd+probe",
             "metasd:throughput:bd+probe", "metasd:throughput:bd+nogate",
-            "metasd:throughput:match")
+            "metasd:throughput:match", "metasd:throughput:match+nogate")
 
 
 
