@@ -12,24 +12,22 @@ bucket where plain steps yield more tokens per second — the way vLLM's
 batch-size dynamic speculation does, learnt online instead of configured.
 
 The gate starts once the engine has made ``warmup`` speculative steps (its
-bandits' first tries of every drafter, slow and not what speculation yields
-later, are not measured). Then both modes are tried ``min_samples`` times
-before any comparison; after that
-the mode that loses is still tried now and then (the workload changes): a
-burst of ``burst`` steps once every ``explore_every`` steps of the bucket when
-the two are within 10% of each other, up to 8 times more rarely when the
-winner leads by far (plain decoding at 115 tokens/s against speculation at
-215 needs little checking) once the lead is trusted: plain steps yield one
-token each at a steady time, so ``min_samples`` of them are enough; speculative
-steps vary, so a lead over speculation waits for ``4 * min_samples`` of its
-steps. A burst, not one step: the first speculative step
-after plain ones catches the drafters up on the tokens they missed, which is
-a switching cost, not what speculation yields, so the caller reports only
-steady steps and the burst's next steps are the ones measured.
+bandits' first tries of every drafter are slow and not what speculation yields
+later). Then both modes are tried ``min_samples`` times before any
+comparison; after that the mode that loses is still tried now and then (the
+workload changes): a burst of ``burst`` steps once every ``explore_every``
+steps of the bucket when the two are within 10% of each other, up to 8 times
+more rarely when the winner leads by far (plain decoding at 115 tokens/s
+against speculation at 215 needs little checking) and the lead is trusted:
+plain steps yield one token at a steady time, so ``min_samples`` of them are
+enough; speculative steps vary, so a lead over speculation waits for
+``4 * min_samples`` of them. A burst, not one step: the first speculative step
+after plain ones catches the drafters up on the tokens they missed, a cost of
+switching, not of speculating, so the caller reports only steady steps and
+the burst's next steps are the ones measured.
 Estimates are ratios of exponentially decayed sums (tokens over seconds) with
-a memory of ~50 samples per mode: long enough to average a few requests' steps,
-short enough that the first speculative steps of a cold engine (every drafter
-still being tried) are forgotten after one burst when speculation pays.
+a memory of ~50 samples per mode: a few requests' steps at batch 1, short
+enough to follow a workload or a machine whose load changes.
 """
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ class SpeculationGate:
     def __init__(self, explore_every: int = 32, min_samples: int = 4, decay: float = 0.98,
                  burst: int = 4, warmup: int = 32, max_buckets: int = 16):
         self.explore_every, self.min_samples, self.decay = explore_every, min_samples, decay
-        self.burst, self.warmup = burst, warmup
+        self.burst = burst
         self.warmup_left = warmup  # speculative steps before the gate starts
         # [bucket, mode (0: plain, 1: speculative)]: decayed tokens, seconds; samples
         self.tokens = np.zeros((max_buckets, 2))
