@@ -47,8 +47,6 @@ VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:alignment:bd+
             "metasd:throughput:match", "metasd:throughput:match+nogate")
 
 
-
-
 def pool_config(general: str) -> dict:
     zoo = models()
     cfg = zoo.default_metasd_config()

@@ -86,7 +86,7 @@ class MetaSDProposer(DraftModelProposer):
         self._step: tuple[float, int, np.ndarray, np.ndarray] | None = None
         self._speculating = True
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
-        self._step_end: float | None = None  # when the last propose returned
+        self._step_end: float | None = None  # when the last step (either kind) ended
         # The last step for the gate: (rows, speculated, its start, steady: no
         # drafter caught up on more than one step's tokens); and whether a
         # request joined the batch since (its prefill is in the step's time)
