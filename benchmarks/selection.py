@@ -15,8 +15,8 @@ start, ``+nogate``: without the speculation gate) on one engine per pool,
 reconfigured between variants (bandit states, cost fits and the gate
 restart). Greedy, the zoo's mixed prompts. Each round starts every engine in
 turn (the order reversed every other round, so slow drift of the shared
-machine cancels), runs batch 1 (prompts one at a time), then batch 16 twice
-and batch 64 twice, and closes it; figures are medians over rounds. The
+machine cancels), runs batch 1 (prompts one at a time) twice, then batch 16
+twice and batch 64 twice, and closes it; figures are medians over rounds. The
 second run of a batch size is the one reported (``tokens_per_s_bs16``: an
 engine already serving that load, MetaSD's online state learnt), the first
 is kept as ``tokens_per_s_bs16_cold`` (every method runs both alike). The
@@ -96,14 +96,16 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
                 llm.collective_rpc("metasd_reconfigure", kwargs={
                     "objective": objective, "reward": reward, "prompt_probe": "probe" in flags,
                     "speculation_gate": "nogate" not in flags})
-            per_prompt = []
-            for p in prompts[:bs1]:
-                s0, t0 = steps[0], time.perf_counter()
-                o = llm.generate([p], params, use_tqdm=False)[0]
-                per_prompt.append({"tokens": len(o.outputs[0].token_ids),
-                                   "seconds": time.perf_counter() - t0, "steps": steps[0] - s0,
-                                   "ids": list(o.outputs[0].token_ids)})
-            entry = {"bs1": per_prompt}
+            entry = {}
+            for run in ("_cold", ""):  # the prompts one at a time, twice
+                entry[f"bs1{run}"] = per_prompt = []
+                for p in prompts[:bs1]:
+                    s0, t0 = steps[0], time.perf_counter()
+                    o = llm.generate([p], params, use_tqdm=False)[0]
+                    per_prompt.append({"tokens": len(o.outputs[0].token_ids),
+                                       "seconds": time.perf_counter() - t0,
+                                       "steps": steps[0] - s0,
+                                       "ids": list(o.outputs[0].token_ids)})
             for batch in (16, 64):
                 sub = prompts[:batch] if len(prompts) >= batch else prompts
                 for run in ("_cold", ""):  # the same batch twice: first and warmed-up
@@ -124,15 +126,19 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
     return out
 
 
+def _tps(prompts: list[dict]) -> float:
+    return sum(r["tokens"] for r in prompts) / sum(r["seconds"] for r in prompts)
+
+
 def figures(rounds: list[dict], m: str) -> dict:
-    tps1 = [sum(r["tokens"] for r in x[m]["bs1"]) / sum(r["seconds"] for r in x[m]["bs1"])
-            for x in rounds]
+    tps1 = [_tps(x[m]["bs1"]) for x in rounds]
     first = rounds[0][m]["bs1"]
     return {"tokens_per_s_bs1": statistics.median(tps1),
             "tokens_per_s_bs16": statistics.median(x[m]["bs16"] for x in rounds),
             "tokens_per_s_bs64": statistics.median(x[m]["bs64"] for x in rounds),
+            "tokens_per_s_bs1_cold": statistics.median(_tps(x[m]["bs1_cold"]) for x in rounds),
             **{f"tokens_per_s_bs{b}_cold": statistics.median(x[m][f"bs{b}_cold"] for x in rounds)
-               for b in (16, 64) if f"bs{b}_cold" in rounds[0][m]},
+               for b in (16, 64)},
             "mean_accepted_len": sum(r["tokens"] for r in first)
             / sum(r["steps"] for r in first) - 1,
             "spread_bs1": [min(tps1), max(tps1)]}
@@ -146,7 +152,8 @@ def oracle(rounds: list[dict], singles: list[str]) -> dict:
            / sum(x[m]["bs1"][i]["seconds"] for i, m in enumerate(pick)) for x in rounds]
     r0 = rounds[0]
     return {"tokens_per_s_bs1": statistics.median(tps), "tokens_per_s_bs16": None,
-            "tokens_per_s_bs64": None,
+            "tokens_per_s_bs64": None, "tokens_per_s_bs1_cold": None,
+            "tokens_per_s_bs16_cold": None, "tokens_per_s_bs64_cold": None,
             "mean_accepted_len": sum(r0[m]["bs1"][i]["tokens"] for i, m in enumerate(pick))
             / sum(r0[m]["bs1"][i]["steps"] for i, m in enumerate(pick)) - 1}
 
@@ -234,17 +241,18 @@ def table(out: dict) -> str:
         rows = [e for e in out["methods"] if e["pool"] == pool]
         by = {e["method"]: e for e in rows}
         singles = [e for e in rows if e["method"].startswith("draft:") or e["method"] == "ngram"]
-        cold = "tokens_per_s_bs16_cold" in by["none"]  # older results have no first runs
+        # first runs: older results have none, or none at batch 1
+        cold = [b for b in (1, 16, 64) if f"tokens_per_s_bs{b}_cold" in by["none"]]
         lines += [f"**{pool} pool**", "",
                   "| method | bs1 / best single | bs16 / best single | bs64 / best single "
                   "| bs1 / plain | bs16 / plain | bs64 / plain "
-                  + ("| bs16 / plain, first run | bs64 / plain, first run " if cold else "")
+                  + "".join(f"| bs{b} / plain, first run " for b in cold)
                   + "| accepted len (/ oracle) |",
-                  "|---|---|---|---|---|---|---|" + ("---|---|" if cold else "") + "---|"]
+                  "|---|---|---|---|---|---|---|" + "---|" * len(cold) + "---|"]
         for e in rows:
             cells = []
-            for plain, suffix in [(False, ""), (True, "")] + [(True, "_cold")] * cold:
-                for b in ((16, 64) if suffix else (1, 16, 64)):
+            for plain, suffix in [(False, ""), (True, "")] + [(True, "_cold")] * bool(cold):
+                for b in (cold if suffix else (1, 16, 64)):
                     key = f"tokens_per_s_bs{b}{suffix}"
                     ref = (by["none"][key] if plain
                            else max(x[key] for x in singles if x[key] is not None))

@@ -103,3 +103,25 @@ def test_a_lead_over_plain_steps_is_trusted_at_once():
     gate = SpeculationGate(explore_every=10, min_samples=2, warmup=0)
     spec = run(gate, 1, 200, spec_rate=200, plain_rate=100)
     assert 200 - spec == 2 + 2 * 4  # min_samples, then a burst at decisions 80 and 160
+
+
+def test_a_new_request_is_measured_anew():
+    """At batch 1 a request whose drafts fail makes plain steps the faster mode;
+    the next request (the whole batch new) speculates again at once, and
+    plain wins again only if its own speculative steps are slower. One new
+    request in a batch of 16 keeps what speculation measured."""
+    gate = SpeculationGate(explore_every=10, min_samples=2, warmup=0)
+    assert run(gate, 1, 60, spec_rate=60, plain_rate=100) < 20  # drafts fail: plain
+    gate.renew(1, joined=1)
+    assert [gate.speculate(1) for _ in range(2)] == [True, True]  # min_samples anew
+    assert gate.rate(1)[0] == pytest.approx(100.0)  # plain's yield is kept
+    assert run(gate, 1, 100, spec_rate=200, plain_rate=100) > 80
+    gate.renew(1, joined=1)
+    assert run(gate, 1, 100, spec_rate=60, plain_rate=100) < 20  # slower again: plain
+
+    big = SpeculationGate(explore_every=10, min_samples=2, warmup=0)
+    run(big, 16, 60, spec_rate=600, plain_rate=1000)
+    big.renew(16, joined=1)
+    assert big.rate(16)[1] == pytest.approx(600.0)
+    big.renew(16, joined=8)  # half the batch is new
+    assert big.speculate(16) and big.snapshot()["16-31"]["spec_samples"] == 0

@@ -26,8 +26,12 @@ after plain ones catches the drafters up on the tokens they missed, a cost of
 switching, not of speculating, so the caller reports only steady steps and
 the burst's next steps are the ones measured.
 Estimates are ratios of exponentially decayed sums (tokens over seconds) with
-a memory of ~50 samples per mode: a few requests' steps at batch 1, short
-enough to follow a workload or a machine whose load changes.
+a memory of ~50 samples per mode, short enough to follow a workload or a
+machine whose load changes. What speculation yields depends on the requests
+(plain decoding's yield hardly does): when new requests make up at least
+half of the batch (at batch 1: every new request), speculation's estimate for
+that batch size starts over (``renew``), so one request whose drafts failed
+does not keep the next one from speculating.
 """
 from __future__ import annotations
 
@@ -93,6 +97,14 @@ class SpeculationGate:
                 "spec_tokens_per_s": None if np.isnan(r_spec) else round(r_spec, 1),
                 "plain_samples": int(self.samples[b, 0]), "spec_samples": int(self.samples[b, 1])}
         return out
+
+    def renew(self, batch_size: int, joined: int) -> None:
+        """``joined`` of the ``batch_size`` rows are requests new to the batch:
+        when they are at least half of it, speculation is measured anew."""
+        if 2 * joined >= batch_size > 0:
+            b = self.bucket(batch_size)
+            self.tokens[b, 1] = self.seconds[b, 1] = self.samples[b, 1] = 0
+            self.exploring[b] = 0
 
     def observe(self, batch_size: int, speculated: bool, tokens: int, seconds: float) -> None:
         """A step of ``batch_size`` rows yielded ``tokens`` in ``seconds`` (wall time
