@@ -69,7 +69,7 @@ class MetaSDProposer(DraftModelProposer):
         self.arm_names = [d.name for d in self.config.drafters]
         self.vocab_size = self.draft_model_config.get_vocab_size()
         self.arms = build_arms(vllm_config, device, runner, self.config.drafters,
-                               top_q=TOP_Q if self.reward_kind == "bd" else 0)
+                               top_q=self.top_q)
         # Tests only (vllm_metasd.faults): {} in production.
         for i, mode in parse_fault_injection(os.environ.get(FAULT_ENV, ""),
                                              self.arm_names).items():
@@ -126,6 +126,12 @@ class MetaSDProposer(DraftModelProposer):
         """The reward computed at verification: none under policy "fixed" (it
         learns nothing, so the step skips the work: q at temperature 0, the BD)."""
         return "none" if self.config.policy.name == "fixed" else self.config.reward
+
+    @property
+    def top_q(self) -> int:
+        """Top tokens of each drafter's q kept for greedy batches: the BD
+        reward's (no other reward reads q where vLLM does not need it)."""
+        return TOP_Q if self.reward_kind == "bd" else 0
 
     @property
     def lm_arms(self) -> list[DraftLMArm]:
@@ -242,7 +248,7 @@ class MetaSDProposer(DraftModelProposer):
         # Rejection sampling needs the full q of sampled rows; in greedy
         # batches the BD reward reads q at each drafter's top tokens only.
         want_q = self._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy
-        want_top = self.reward_kind == "bd" and not want_q
+        want_top = self.top_q > 0 and not want_q
         ids = np.zeros((n, k), dtype=np.int64)
         lengths = np.zeros(n, dtype=np.int64)
         q = None
@@ -415,7 +421,7 @@ class MetaSDProposer(DraftModelProposer):
             raise ValueError(f"{sorted(fixed)} cannot change at runtime; start a new engine")
         self.config = load_config({**self.config.to_json_dict(), **settings})
         for arm in self.lm_arms:
-            arm.top_q = TOP_Q if self.reward_kind == "bd" else 0
+            arm.top_q = self.top_q
         self.controller = self._new_controller()
         self.gate = self._new_gate()
 

@@ -28,10 +28,12 @@ the burst's next steps are the ones measured.
 Estimates are ratios of exponentially decayed sums (tokens over seconds) with
 a memory of ~50 samples per mode, short enough to follow a workload or a
 machine whose load changes. What speculation yields depends on the requests
-(plain decoding's yield hardly does): when new requests make up at least
-half of the batch (at batch 1: every new request), speculation's estimate for
-that batch size starts over (``renew``), so one request whose drafts failed
-does not keep the next one from speculating.
+(plain decoding's yield hardly does), and a small batch is one or two of
+them: below ``renew_below`` rows, when new requests make up at least half of
+the batch (at batch 1: every new request), speculation's estimate for that
+batch size starts over (``renew``), so one request whose drafts failed does
+not keep the next one from speculating. A larger batch averages many
+requests: its estimate carries over.
 """
 from __future__ import annotations
 
@@ -40,9 +42,9 @@ import numpy as np
 
 class SpeculationGate:
     def __init__(self, explore_every: int = 32, min_samples: int = 4, decay: float = 0.98,
-                 burst: int = 4, warmup: int = 32, max_buckets: int = 16):
+                 burst: int = 4, warmup: int = 32, renew_below: int = 4, max_buckets: int = 16):
         self.explore_every, self.min_samples, self.decay = explore_every, min_samples, decay
-        self.burst = burst
+        self.burst, self.renew_below = burst, renew_below
         self.warmup_left = warmup  # speculative steps before the gate starts
         # [bucket, mode (0: plain, 1: speculative)]: decayed tokens, seconds; samples
         self.tokens = np.zeros((max_buckets, 2))
@@ -100,8 +102,9 @@ class SpeculationGate:
 
     def renew(self, batch_size: int, joined: int) -> None:
         """``joined`` of the ``batch_size`` rows are requests new to the batch:
-        when they are at least half of it, speculation is measured anew."""
-        if 2 * joined >= batch_size > 0:
+        in a small batch, when they are at least half of it, speculation is
+        measured anew."""
+        if 2 * joined >= batch_size and 0 < batch_size < self.renew_below:
             b = self.bucket(batch_size)
             self.tokens[b, 1] = self.seconds[b, 1] = self.samples[b, 1] = 0
             self.exploring[b] = 0
