@@ -31,6 +31,7 @@ drafter per prompt in hindsight (fewest steps); regret counts the extra steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -43,6 +44,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 HERE = Path(__file__).resolve().parent
 K = 4
 PROBE_WINDOW = 32  # as vllm_metasd.evidence.PROBE_WINDOW
+PROMPT_TOKENS = 64  # a prompt's length in the replay (any > k + 1: its first draft catches up)
 
 
 # ---- trace --------------------------------------------------------------------
@@ -167,8 +169,43 @@ def load_trace(path) -> dict:
 
 # ---- replay -------------------------------------------------------------------
 
+@dataclasses.dataclass
+class StepTimes:
+    """A batch-1 step's modelled seconds, for the throughput objective's replay:
+    the target's step with nothing drafted (``plain_s``) and the extra for
+    verifying k drafted tokens (``verify_s``), a draft LM's k forwards
+    (``lm_s``; a catch-up on tokens it missed is one more forward, ``lm_s / k``)
+    and the free arm's lookup (``free_s``)."""
+
+    plain_s: float
+    verify_s: float
+    lm_s: float
+    free_s: float = 0.0
+
+    @classmethod
+    def from_selection(cls, path: Path, general: str = "general") -> "StepTimes":
+        """From a selection benchmark's batch-1 figures (default pool): plain
+        decoding's seconds per token; n-gram's step minus that is verification
+        (its lookup is microseconds); the general drafter's step minus both is
+        its k forwards."""
+        by = {e["method"]: e for e in json.loads(Path(path).read_text())["methods"]
+              if e["pool"] == "default"}
+        step = lambda m: (1 + by[m]["mean_accepted_len"]) / by[m]["tokens_per_s_bs1"]  # noqa: E731
+        plain = 1 / by["none"]["tokens_per_s_bs1"]
+        verify = max(step("ngram") - plain, 0.0)
+        return cls(plain, verify, max(step(f"draft:{general}") - plain - verify, 0.0))
+
+
+def pool(trace: dict, arms: list[str]) -> dict:
+    """The trace restricted to ``arms`` (a drafter pool), in that order."""
+    idx = [list(trace["arms"]).index(a) for a in arms]
+    return {k: (v[idx] if k in ("acc", "bd", "bd_full", "probe", "drafted", "arms") else v)
+            for k, v in trace.items()}
+
+
 def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
-           warm_start: bool = False, keep_choices: bool = False, probe: bool = False) -> dict:
+           warm_start: bool = False, keep_choices: bool = False, probe: bool = False,
+           objective: str = "alignment", times: StepTimes | None = None) -> dict:
     """Run ``policy`` (a metasd.json policy object) over the trace's prompts in
     order, through the engine's own step controller: one bandit per prompt, as
     MetaSD keeps one per request (and, with ``warm_start``, a prior learned
@@ -176,37 +213,70 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
     ``reward``: "bd" (match-based: share of drafted positions that agree),
     "bd_full" (from the full distributions) or "acceptance"; ``probe``: the
     prompt-informed start (each draft LM's prompt agreement, via the
-    controller's own ``probed``)."""
+    controller's own ``probed``).
+
+    ``objective`` "throughput" (needs ``times``): the controller chooses by
+    expected tokens per second from the step times it is fed, as the engine
+    measures them at batch 1 (a step may draft nothing); the lookup arm learns
+    from every step (full information: its would-be draft scored on the
+    verified tokens, as the engine's ``WouldBeDrafts``). ``seconds``: each
+    prompt's modelled time (with ``times``)."""
     from vllm_metasd.core import RequestStateStore, StepController, make_policy
 
     acc, drafted, offsets = trace["acc"], trace["drafted"], trace["offsets"]
     bd = trace["bd_full"] if reward == "bd_full" else trace["bd"]
+    n_arms = acc.shape[0]
+    free = np.array([str(a) == "lookup" for a in trace["arms"]])
     params = {k: v for k, v in policy.items() if k != "name"}
     ctl = StepController(RequestStateStore(
-        make_policy(policy["name"], acc.shape[0], seed=seed, **params), warm_start=warm_start))
+        make_policy(policy["name"], n_arms, seed=seed, **params), warm_start=warm_start),
+        k=K, objective=objective, free_arms=free, beta=float(params.get("beta", 0.1)))
     one, row = np.array([True]), np.array([0])
-    steps, accepted, choices = [], [], []
+    steps, accepted, seconds, choices = [], [], [], []
     for i in range(len(offsets) - 1):
         base, L, rid = offsets[i], offsets[i + 1] - offsets[i], str(i)
-        t, n, a_sum, picks = 1, 0, 0, []
+        t, n, a_sum, secs, picks = 1, 0, 0, 0.0, []
         if probe:
             ctl.begin([rid], one)
-            for arm in range(acc.shape[0]):
-                ctl.probed(arm, row, np.array([1]), trace["probe"][arm, i:i + 1])
+            for arm in range(n_arms):
+                ctl.probed(arm, row, np.array([PROMPT_TOKENS]), trace["probe"][arm, i:i + 1])
+            if times is not None:  # each draft LM's pass over the prompt (one forward)
+                secs += int((~free).sum()) * times.lm_s / K
         while t < L:
-            arm = int(ctl.choose([rid], one)[0])
-            a, d = int(acc[arm, base + t]), int(drafted[arm, base + t])
-            ctl.drafted(arm, row, np.array([d]))
+            seq = PROMPT_TOKENS + t  # tokens known (a catch-up's length does not matter)
+            arm = int(ctl.choose([rid], one, np.array([seq]))[0])
+            a = d = 0
+            if arm >= 0:
+                behind = seq - ctl.caught_up(arm, row)[0] > K + 1
+                a, d = int(acc[arm, base + t]), int(drafted[arm, base + t])
+                ctl.drafted(arm, row, np.array([d]))
+                ctl.mark_caught_up(arm, row, np.array([seq]))
+                if times is not None:
+                    arm_s = times.free_s if free[arm] else times.lm_s
+                    if not behind:  # the engine prices a catch-up per row, not here
+                        ctl.observe_group_time(arm, 1, arm_s)
+                    secs += arm_s + (times.lm_s / K if behind and not free[arm] else 0.0)
+            if times is not None:
+                step_s = times.plain_s + (times.verify_s if d else 0.0)
+                ctl.observe_step_time(1 + (K if d else 0), step_s)
+                secs += step_s
             if d:
                 r = a / d if reward == "acceptance" else float(bd[arm, base + t])
                 ctl.observe([rid], [d], [a], [r])
+            if objective == "throughput":
+                for f in np.flatnonzero(free).tolist():  # would-be drafts, scored
+                    fd = int(drafted[f, base + t])
+                    m = min(int(acc[f, base + t]), a + 1)
+                    ctl.full_information(f, [rid], [m / fd if fd else 0.0], [m])
             picks.append(arm)
             t, n, a_sum = t + a + 1, n + 1, a_sum + a
         ctl.finished(rid)
         steps.append(n)
         accepted.append(a_sum)
+        seconds.append(secs)
         choices.append(picks)
-    out = {"steps": np.array(steps), "accepted": np.array(accepted)}
+    out = {"steps": np.array(steps), "accepted": np.array(accepted),
+           "seconds": np.array(seconds)}
     if keep_choices:
         out["choices"] = choices
     return out

@@ -9,9 +9,10 @@ vLLM's n-gram and the per-request oracle, at batch 1, 16 and 64.
 Pools (issue 13): ``default`` = the zoo's five specialists + ``general`` +
 n-gram; ``paper`` = five specialists + ``general-equal`` (a general drafter
 trained with one specialist's budget, as in the paper's comparison) + n-gram.
-MetaSD runs as ``metasd:<objective>:<reward>[+probe][+nogate]`` (objectives
+MetaSD runs as ``metasd:<objective>:<reward>[+probe][+cold][+nogate]`` (objectives
 ``alignment`` and ``throughput``, rewards ``bd`` and ``match``, ``+probe``: prompt-informed
-start, ``+nogate``: without the speculation gate) on one engine per pool,
+start, ``+cold``: without the warm start, ``+nogate``: without the speculation gate) on
+one engine per pool,
 reconfigured between variants (bandit states, cost fits and the gate
 restart). Greedy, the zoo's mixed prompts. Each round starts every engine in
 turn (the order reversed every other round, so slow drift of the shared
@@ -42,9 +43,9 @@ from targets import models  # noqa: E402
 K = 4
 SPECIALISTS = ("code", "prose", "math", "data", "german")
 POOLS = {"default": "general", "paper": "general-equal"}
-VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:alignment:bd+probe",
-            "metasd:throughput:bd+probe", "metasd:throughput:bd+nogate",
-            "metasd:throughput:match", "metasd:throughput:match+nogate")
+VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:throughput:match",
+            "metasd:throughput:match+nogate", "metasd:throughput:match+probe",
+            "metasd:throughput:match+probe+cold", "metasd:alignment:match+probe+cold")
 
 
 def pool_config(general: str) -> dict:
@@ -95,7 +96,7 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
                 reward, *flags = reward.split("+")
                 llm.collective_rpc("metasd_reconfigure", kwargs={
                     "objective": objective, "reward": reward, "prompt_probe": "probe" in flags,
-                    "speculation_gate": "nogate" not in flags})
+                    "warm_start": "cold" not in flags, "speculation_gate": "nogate" not in flags})
             entry = {}
             for run in ("_cold", ""):  # the prompts one at a time, twice
                 entry[f"bs1{run}"] = per_prompt = []
