@@ -341,7 +341,8 @@ def tune(args) -> None:
         best[f"{name}/{reward}" + ("/warm" if warm else "") + ("/probe" if probe else "")] = min(
             cands, key=lambda r: r["regret_steps"])
     result = {"trace": str(args.trace), "prompts": int(len(trace["offsets"]) - 1),
-              "arms": [str(a) for a in trace["arms"]], "best": best, "all": rows}
+              "arms": [str(a) for a in trace["arms"]], "best": best, "all": rows,
+              "by_speed": by_speed(trace, StepTimes.from_selection(args.selection))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"{'policy/reward':38s} {'params':34s} {'MAL':>6s} {'/oracle':>8s} {'/best':>6s}")
@@ -350,8 +351,55 @@ def tune(args) -> None:
         print(f"{key:38s} {json.dumps(params):34s} {r['mean_accepted_len']:6.3f} "
               f"{r['mean_accepted_len'] / r['oracle_mean_accepted_len']:8.3f} "
               f"{r['mean_accepted_len'] / r['best_single_mean_accepted_len']:6.3f}")
+    print(f"\nmodelled batch-1 tokens/s ({result['by_speed']['times']}):")
+    for pool_name, rows in result["by_speed"]["pools"].items():
+        for r in rows:
+            print(f"{pool_name:8s} {r['method']:44s} {r['vs_best_single']:6.3f}x best single "
+                  f"{r['vs_oracle']:6.3f}x oracle  accepted {r['mean_accepted_len']:.3f} "
+                  f"({r['accepted_vs_oracle']:.3f})")
     if args.plot:
         plot_regret(trace, best, fixed, args.plot)
+
+
+POOLS = {"default": "general", "paper": "general-equal"}  # as benchmarks/selection.py
+SPECIALISTS = ("code", "prose", "math", "data", "german")
+
+
+def by_speed(trace: dict, times: StepTimes, betas=(0.05, 0.1, 0.3)) -> dict:
+    """Per drafter pool: modelled batch-1 tokens/s of each objective (UCB,
+    the match-based reward; with and without warm start and prompt probe, the
+    best beta of each) against the pool's best single method and the per-prompt
+    oracle (the single method with the least modelled time per prompt)."""
+    tokens = np.diff(trace["offsets"]) - 1
+    mal = lambda steps: float((tokens - steps).sum() / steps.sum())  # noqa: E731
+    out = {"times": {k: round(v * 1e3, 3) for k, v in dataclasses.asdict(times).items()},
+           "pools": {}}
+    for name, general in POOLS.items():
+        if general not in list(trace["arms"]):
+            continue
+        tr = pool(trace, [*SPECIALISTS, general, "lookup"])
+        singles = [replay(tr, {"name": "fixed", "arm": a}, times=times)
+                   for a in range(len(tr["arms"]))]
+        best = max(tokens.sum() / r["seconds"].sum() for r in singles)
+        pick = np.argmin(np.stack([r["seconds"] for r in singles]), 0)
+        oracle_s = np.stack([r["seconds"] for r in singles]).min(0).sum()
+        oracle_steps = np.stack([r["steps"] for r in singles])[pick, np.arange(len(tokens))]
+        rows = []
+        for objective, warm, probe in itertools.product(("alignment", "throughput"),
+                                                        (True, False), (False, True)):
+            runs = [(beta, replay(tr, {"name": "ucb", "beta": beta}, "bd", warm_start=warm,
+                                  probe=probe, objective=objective, times=times))
+                    for beta in betas]
+            beta, r = max(runs, key=lambda x: tokens.sum() / x[1]["seconds"].sum())
+            tps = tokens.sum() / r["seconds"].sum()
+            rows.append({"method": f"{objective} ucb/bd" + ("/warm" if warm else "")
+                         + ("/probe" if probe else "") + f" beta {beta}",
+                         "vs_best_single": tps / best,
+                         "vs_oracle": tps * oracle_s / tokens.sum(),
+                         "mean_accepted_len": mal(r["steps"]),
+                         "accepted_vs_oracle": mal(r["steps"]) / mal(oracle_steps)})
+        out["pools"][name] = rows
+    return out
 
 
 def plot_regret(trace: dict, best: dict, fixed: np.ndarray, path: Path) -> None:
@@ -390,6 +438,8 @@ def main(argv=None) -> None:
     tun.add_argument("--out", type=Path, default=HERE / "results" / "replay.json")
     tun.add_argument("--plot", type=Path, default=HERE / "results" / "regret.png")
     tun.add_argument("--seeds", type=int, default=3)
+    tun.add_argument("--selection", type=Path, default=HERE / "results" / "selection.json",
+                     help="batch-1 figures the modelled step times come from (StepTimes)")
     args = ap.parse_args(argv)
     record(args) if args.cmd == "record" else tune(args)
 

@@ -17,7 +17,7 @@ def run(gate, batch_size, steps, spec_rate, plain_rate):
 
 
 def test_tries_both_modes_then_keeps_the_faster_and_still_explores():
-    gate = SpeculationGate(explore_every=10, min_samples=3, warmup=0, burst=1)
+    gate = SpeculationGate(min_batch=1, explore_every=10, min_samples=3, warmup=0, burst=1)
     # speculation first (min_samples), then plain (min_samples)
     assert [gate.speculate(16) for _ in range(1)] == [True]
     gate.observe(16, True, 32, 0.1)
@@ -36,7 +36,7 @@ def test_tries_both_modes_then_keeps_the_faster_and_still_explores():
 
 
 def test_a_far_lead_is_checked_more_rarely():
-    gate = SpeculationGate(explore_every=10, min_samples=1, warmup=0)
+    gate = SpeculationGate(min_batch=1, explore_every=10, min_samples=1, warmup=0)
     for _ in range(4):  # 4 * min_samples each: the lead is trusted
         gate.observe(1, True, 2, 0.01)  # 200 tokens/s
         gate.observe(1, False, 1, 0.01)  # 100
@@ -50,7 +50,7 @@ def test_a_cold_start_is_forgotten_after_one_burst():
     """The first speculative steps of a cold engine are slow (every drafter is
     still being tried): plain steps win the first comparison, and the next
     exploration burst at speculation's real speed turns it back on."""
-    gate = SpeculationGate(explore_every=10, min_samples=4, warmup=0)
+    gate = SpeculationGate(min_batch=1, explore_every=10, min_samples=4, warmup=0)
     for _ in range(4):
         assert gate.speculate(1)
         gate.observe(1, True, 1, 0.02)  # 50 tokens/s
@@ -65,7 +65,7 @@ def test_a_cold_start_is_forgotten_after_one_burst():
 
 
 def test_batch_sizes_are_judged_apart():
-    gate = SpeculationGate(explore_every=20, min_samples=2, warmup=0)
+    gate = SpeculationGate(min_batch=1, explore_every=20, min_samples=2, warmup=0)
     assert run(gate, 1, 200, spec_rate=150, plain_rate=100) > 180  # speculation pays
     assert run(gate, 16, 200, spec_rate=900, plain_rate=1200) < 30  # it does not
     assert run(gate, 24, 10, spec_rate=900, plain_rate=1200) <= 1  # same bucket as 16
@@ -77,7 +77,7 @@ def test_batch_sizes_are_judged_apart():
 
 
 def test_follows_a_change_in_the_machine_or_workload():
-    gate = SpeculationGate(explore_every=8, min_samples=2, warmup=0, decay=0.9)
+    gate = SpeculationGate(min_batch=1, explore_every=8, min_samples=2, warmup=0, decay=0.9)
     assert run(gate, 4, 100, spec_rate=300, plain_rate=200) > 80
     # speculation turns slow (e.g. the drafters stop matching): the explored
     # plain steps win, and the gate follows within a few hundred steps
@@ -88,7 +88,7 @@ def test_follows_a_change_in_the_machine_or_workload():
 def test_starts_after_the_engines_first_speculative_steps():
     """The first ``warmup`` speculative steps (the bandits trying every drafter)
     are neither measured nor gated; plain steps before that are not counted."""
-    gate = SpeculationGate(explore_every=10, min_samples=2, warmup=3)
+    gate = SpeculationGate(min_batch=1, explore_every=10, min_samples=2, warmup=3)
     for _ in range(3):
         assert gate.speculate(1)
         gate.observe(1, True, 1, 1.0)  # 1 token/s: a cold start, not measured
@@ -100,30 +100,16 @@ def test_starts_after_the_engines_first_speculative_steps():
 def test_a_lead_over_plain_steps_is_trusted_at_once():
     """Plain steps yield one token at a steady time: their min_samples are
     enough, and speculation's far lead means rare plain bursts at once."""
-    gate = SpeculationGate(explore_every=10, min_samples=2, warmup=0)
+    gate = SpeculationGate(min_batch=1, explore_every=10, min_samples=2, warmup=0)
     spec = run(gate, 1, 200, spec_rate=200, plain_rate=100)
     assert 200 - spec == 2 + 2 * 4  # min_samples, then a burst at decisions 80 and 160
 
 
-def test_a_new_request_is_measured_anew():
-    """At batch 1 a request whose drafts fail makes plain steps the faster mode;
-    the next request (the whole batch new) speculates again at once, and
-    plain wins again only if its own speculative steps are slower. A large
-    batch averages many requests: even a whole new one keeps the estimate."""
+def test_small_batches_are_not_gated():
+    """Below min_batch rows every step speculates (the per-row choice decides)
+    and nothing is measured; from min_batch on the gate decides."""
     gate = SpeculationGate(explore_every=10, min_samples=2, warmup=0)
-    assert run(gate, 1, 60, spec_rate=60, plain_rate=100) < 20  # drafts fail: plain
-    gate.renew(1, joined=1)
-    assert [gate.speculate(1) for _ in range(2)] == [True, True]  # min_samples anew
-    assert gate.rate(1)[0] == pytest.approx(100.0)  # plain's yield is kept
-    assert run(gate, 1, 100, spec_rate=200, plain_rate=100) > 80
-    gate.renew(1, joined=1)
-    assert run(gate, 1, 100, spec_rate=60, plain_rate=100) < 20  # slower again: plain
-
-    run(gate, 3, 60, spec_rate=200, plain_rate=300)
-    gate.renew(3, joined=1)  # a third of a small batch: kept
-    assert gate.snapshot()["2-3"]["spec_samples"] > 0
-    gate.renew(3, joined=2)
-    assert gate.speculate(3) and gate.snapshot()["2-3"]["spec_samples"] == 0
-    run(gate, 16, 60, spec_rate=600, plain_rate=1000)
-    gate.renew(16, joined=16)
-    assert gate.rate(16)[1] == pytest.approx(600.0)
+    assert run(gate, 1, 100, spec_rate=60, plain_rate=100) == 100
+    assert run(gate, 3, 100, spec_rate=60, plain_rate=100) == 100
+    assert gate.snapshot() == {}
+    assert run(gate, 4, 100, spec_rate=60, plain_rate=100) < 20

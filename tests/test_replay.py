@@ -1,8 +1,10 @@
 """The offline replay tool (benchmarks/replay.py) on synthetic traces: pure numpy."""
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replay  # noqa: E402
@@ -70,3 +72,34 @@ def test_prompt_probe_in_replay_cuts_exploration():
     assert probed["regret_steps"] < blind["regret_steps"]
     first = replay.replay(trace, policy, probe=True, keep_choices=True)["choices"]
     assert [c[0] for c in first] == [p % 2 for p in range(prompts)]
+
+
+def test_throughput_replay_trades_acceptance_for_speed():
+    """The throughput objective through the engine's controller, on modelled
+    step times: a free lookup that accepts one token beats draft LMs that
+    accept all four when the LMs' forwards are slow, and not when they are
+    cheap; either way it is at least as fast as choosing by alignment."""
+    trace = synthetic_trace()
+    trace["arms"] = np.array(["a", "b", "lookup"])
+    tokens = (np.diff(trace["offsets"]) - 1).sum()
+    policy = {"name": "ucb", "beta": 0.1}
+    for lm_s, lookup_wins in ((0.05, True), (0.001, False)):
+        times = replay.StepTimes(plain_s=0.01, verify_s=0.001, lm_s=lm_s)
+        by_speed = replay.replay(trace, policy, objective="throughput", times=times,
+                                 keep_choices=True, warm_start=True)
+        by_alignment = replay.replay(trace, policy, times=times, warm_start=True)
+        picks = np.concatenate([c[5:] for c in by_speed["choices"]])  # past the first tries
+        assert (np.mean(picks == 2) > 0.8) == lookup_wins
+        assert tokens / by_speed["seconds"].sum() >= 0.97 * tokens / by_alignment["seconds"].sum()
+
+
+def test_step_times_from_selection_figures(tmp_path):
+    def e(method, tps, acc):
+        return {"pool": "default", "method": method, "tokens_per_s_bs1": tps,
+                "mean_accepted_len": acc}
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"methods": [e("none", 100.0, 0.0), e("ngram", 100.0, 0.1),
+                                            e("draft:general", 150.0, 2.0)]}))
+    t = replay.StepTimes.from_selection(path)
+    # plain 10 ms per token; n-gram 11 ms per step (1 ms verifying); general 20 ms
+    assert (t.plain_s, t.verify_s, t.lm_s) == pytest.approx((0.010, 0.001, 0.009))

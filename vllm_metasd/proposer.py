@@ -88,10 +88,10 @@ class MetaSDProposer(DraftModelProposer):
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last step (either kind) ended
         # The last step for the gate: (rows, speculated, its start, steady: no
-        # drafter caught up on more than one step's tokens); and how many
-        # requests joined the batch since (their prefill is in the step's time)
+        # drafter caught up on more than one step's tokens); and whether a
+        # request joined the batch since (its prefill is in the step's time)
         self._last_step: tuple[int, bool, float, bool] | None = None
-        self._joined = 0
+        self._joined = False
         self.plain_steps = 0  # steps the gate ran without speculation
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
@@ -172,8 +172,8 @@ class MetaSDProposer(DraftModelProposer):
             c.restarted(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
             c.restarted(new_req.req_id)
-        self._joined = (len(scheduler_output.scheduled_new_reqs)
-                        + len(scheduler_output.scheduled_cached_reqs.resumed_req_ids))
+        self._joined = bool(scheduler_output.scheduled_new_reqs
+                            or scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         self.telemetry.add("hooks", t0)
 
     def observe(self, req_ids: list[str], verification: Verification) -> None:
@@ -234,7 +234,8 @@ class MetaSDProposer(DraftModelProposer):
         t = tel.add("inputs", t)
 
         new_rows = self.controller.begin(req_ids, active)
-        if len(new_rows) and self.config.prompt_probe and self.reward_kind != "none":
+        probing = bool(len(new_rows)) and self.config.prompt_probe and self.reward_kind != "none"
+        if probing:
             probe_new_requests(self.arms, self.arm_names, self.controller, DraftStep(
                 rows=new_rows, starts=np.zeros(len(new_rows), dtype=np.int64),
                 seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
@@ -256,7 +257,7 @@ class MetaSDProposer(DraftModelProposer):
                torch.zeros(n, k, TOP_Q, dtype=torch.long, device=self.device)) if want_top else None
         groups = group_rows_by_arm(arms, len(self.arms))
         chosen = np.unique(arms[arms >= 0]).tolist()  # chosen arms only
-        all_steady = True
+        all_steady = not probing  # drafter passes over whole prompts: a catch-up
         for a in chosen:
             rows, arm = groups[a], self.arms[a]
             step = DraftStep(rows=rows, starts=self.controller.caught_up(a, rows),
@@ -305,16 +306,13 @@ class MetaSDProposer(DraftModelProposer):
         when no request joined (no prefill in that time; requests that
         finished only drop out), every row got its tokens and no drafter
         caught up on missed tokens (a prompt, or the steps it sat out: a cost
-        of switching, not of speculating). Requests that joined: speculation's
-        yield may be measured anew (``SpeculationGate.renew``)."""
+        of switching, not of speculating)."""
         if self.gate is None:
             return True
         if self._last_step is not None and not self._joined:
             rows, speculated, t0, steady = self._last_step
             if steady and start - t0 < IDLE_GAP_S and bool((valid > 0).all()):
                 self.gate.observe(rows, speculated, int(valid.sum()), start - t0)
-        if self._joined:
-            self.gate.renew(n, self._joined)
         return self.gate.speculate(n)
 
     def _end_step(self, drafts: list[list[int]], speculated: bool, start: float,
