@@ -1,5 +1,6 @@
 """MetaSD through real vLLM CPU engines (tiny random-weight models)."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -112,6 +113,25 @@ def test_speculation_gate_mixes_plain_steps_in_and_stays_exact(metasd4_llm, plai
         s = stats(metasd4_llm)
         assert s["plain_steps"] > 0
         assert sum(d["drafted"] for d in s["drafters"].values()) > 0
+    finally:
+        metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"objective": "alignment"})
+
+
+def test_idle_time_between_requests_is_not_counted_as_the_targets(metasd4_llm):
+    """Batch 1 with pauses between requests (a quiet server): the step that
+    starts a request after the engine sat idle must not teach the throughput
+    objective that a target step takes the pause (it would then find drafting,
+    which verifies k more tokens per row, never worth it)."""
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+        "policy": {"name": "ucb", "beta": 1.0}, "objective": "throughput"})
+    try:
+        for p in PROMPTS[:6]:
+            greedy(metasd4_llm, [p], max_tokens=16)
+            time.sleep(0.5)
+        costs = stats(metasd4_llm)["cost_model"]
+        # a step here takes milliseconds; counting the pauses made it ~500 ms
+        assert 0 < costs["target_fixed_ms"] + 5 * costs["target_per_token_ms"] < 100, costs
+        assert set(costs["arms"]) == {"bad1", "good", "bad2", "lookup"}
     finally:
         metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"objective": "alignment"})
 

@@ -92,6 +92,10 @@ class MetaSDProposer(DraftModelProposer):
         # request joined the batch since (its prefill is in the step's time)
         self._last_step: tuple[int, bool, float, bool] | None = None
         self._joined = False
+        # Whether this step continues a request of the last one: if not, the
+        # engine may have sat idle before it (no request), and the time since
+        # the last step is not the target's
+        self._continuing = False
         self.plain_steps = 0  # steps the gate ran without speculation
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
@@ -172,8 +176,9 @@ class MetaSDProposer(DraftModelProposer):
             c.restarted(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
             c.restarted(new_req.req_id)
-        self._joined = bool(scheduler_output.scheduled_new_reqs
-                            or scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        cached = scheduler_output.scheduled_cached_reqs
+        self._joined = bool(scheduler_output.scheduled_new_reqs or cached.resumed_req_ids)
+        self._continuing = cached.num_reqs > len(cached.resumed_req_ids)
         self.telemetry.add("hooks", t0)
 
     def observe(self, req_ids: list[str], verification: Verification) -> None:
@@ -194,7 +199,8 @@ class MetaSDProposer(DraftModelProposer):
         discarded (a partial prefill), before vLLM prepares the drafters'
         inputs, which a plain step skips."""
         t = start = time.perf_counter()
-        if self._step_end is not None and t - self._step_end < IDLE_GAP_S:
+        if (self._step_end is not None and self._continuing
+                and t - self._step_end < IDLE_GAP_S):
             # The target's forward that just ran, and the tokens it processed.
             self.controller.observe_step_time(num_target_tokens, t - self._step_end)
         batch = self.runner.input_batch
@@ -440,6 +446,7 @@ class MetaSDProposer(DraftModelProposer):
                 "placeholder_drafts": c.placeholder_drafts,
                 "plain_steps": self.plain_steps,
                 "gate": None if self.gate is None else self.gate.snapshot(),
+                "cost_model": c.cost_snapshot() if c.objective == "throughput" else None,
                 "arm_failures": dict(zip(self.arm_names, c.total_failures)),
                 "disabled_arms": [self.arm_names[a] for a in sorted(c.disabled)]}
 

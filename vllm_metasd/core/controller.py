@@ -134,6 +134,16 @@ class StepController:
         t0, t1 = self.target_cost.fit()
         return StepCosts(t0, t1, fits[:, 0], fits[:, 1])
 
+    def cost_snapshot(self) -> dict:
+        """What the throughput objective believes a step costs (ms): the
+        target's fixed time and time per verified token, and per arm a group's
+        fixed time and time per row."""
+        c = self.costs()
+        ms = lambda v: round(1e3 * float(v), 4)  # noqa: E731
+        return {"target_fixed_ms": ms(c.target_fixed), "target_per_token_ms": ms(c.target_per_token),
+                "arms": {name: {"group_fixed_ms": ms(f), "per_row_ms": ms(r)}
+                         for name, f, r in zip(self.store.arm_names, c.arm_fixed, c.arm_per_row)}}
+
     def _choose_throughput(self, states: list[RequestState], seq_lens: np.ndarray) -> np.ndarray:
         n_arms, k = self.num_arms, self.k
         gain = np.array([s.gain_sum for s in states]).reshape(len(states), n_arms)
