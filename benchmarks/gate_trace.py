@@ -1,6 +1,9 @@
-"""The speculation gate's decisions, step by step, in one MetaSD engine at batch 1.
+"""The speculation gate's decisions, step by step, in one MetaSD engine.
 
-    python benchmarks/gate_trace.py                 # default pool, 12 prompts, ~2 min
+    python benchmarks/gate_trace.py                 # default pool, batch 16, ~2 min
+
+Batches below 4 rows are not gated (``core.gate``): the prompts run in
+batches of ``--batch`` (the last steps of each, as requests finish, go below).
 
 Prints one character per decision (``s``: speculate, ``p``: plain) with the
 measured tokens/s of each step the gate learnt from (``(..)`` speculative,
@@ -43,7 +46,8 @@ def read_log(worker) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
 
@@ -58,8 +62,9 @@ def main() -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     try:
         assert llm.collective_rpc(trace) == [True]
-        for p in [p["prompt"] for p in zoo.load_prompts()][:args.prompts]:
-            llm.generate([p], params, use_tqdm=False)
+        prompts = [p["prompt"] for p in zoo.load_prompts()][:args.prompts]
+        for i in range(0, len(prompts), args.batch):
+            llm.generate(prompts[i:i + args.batch], params, use_tqdm=False)
         log = llm.collective_rpc(read_log)[0]
         gate = llm.collective_rpc("metasd_stats")[0]["gate"]
     finally:

@@ -369,7 +369,8 @@ def by_speed(trace: dict, times: StepTimes, betas=(0.05, 0.1, 0.3)) -> dict:
     """Per drafter pool: modelled batch-1 tokens/s of each objective (UCB,
     the match-based reward; with and without warm start and prompt probe, the
     best beta of each) against the pool's best single method and the per-prompt
-    oracle (the single method with the least modelled time per prompt)."""
+    oracle (the single method with the least modelled time per prompt); mean
+    accepted length against the accepted-length oracle (fewest steps)."""
     tokens = np.diff(trace["offsets"]) - 1
     mal = lambda steps: float((tokens - steps).sum() / steps.sum())  # noqa: E731
     out = {"times": {k: round(v * 1e3, 3) for k, v in dataclasses.asdict(times).items()},
@@ -381,9 +382,8 @@ def by_speed(trace: dict, times: StepTimes, betas=(0.05, 0.1, 0.3)) -> dict:
         singles = [replay(tr, {"name": "fixed", "arm": a}, times=times)
                    for a in range(len(tr["arms"]))]
         best = max(tokens.sum() / r["seconds"].sum() for r in singles)
-        pick = np.argmin(np.stack([r["seconds"] for r in singles]), 0)
         oracle_s = np.stack([r["seconds"] for r in singles]).min(0).sum()
-        oracle_steps = np.stack([r["steps"] for r in singles])[pick, np.arange(len(tokens))]
+        oracle_steps = np.stack([r["steps"] for r in singles]).min(0)
         rows = []
         for objective, warm, probe in itertools.product(("alignment", "throughput"),
                                                         (True, False), (False, True)):
