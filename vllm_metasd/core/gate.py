@@ -7,7 +7,7 @@ own work per step — can still make every speculative step slower than plain
 decoding (on a CPU at batch 16 and above every method measured loses to it).
 The gate measures the whole thing: the wall time from one step to the next
 and the tokens it yielded, for steps that drafted and steps that did not, per
-batch size bucket (1, 2-3, 4-7, 8-15, ...), and turns speculation off for a
+batch size bucket (4-7, 8-15, 16-31, ...), and turns speculation off for a
 bucket where plain steps yield more tokens per second — the way vLLM's
 batch-size dynamic speculation does, learnt online instead of configured.
 
