@@ -140,7 +140,8 @@ class StepController:
         fixed time and time per row."""
         c = self.costs()
         ms = lambda v: round(1e3 * float(v), 4)  # noqa: E731
-        return {"target_fixed_ms": ms(c.target_fixed), "target_per_token_ms": ms(c.target_per_token),
+        return {"target_fixed_ms": ms(c.target_fixed),
+                "target_per_token_ms": ms(c.target_per_token),
                 "arms": {name: {"group_fixed_ms": ms(f), "per_row_ms": ms(r)}
                          for name, f, r in zip(self.store.arm_names, c.arm_fixed, c.arm_per_row)}}
 
