@@ -41,6 +41,8 @@ import numpy as np
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+from selection import POOLS, SPECIALISTS  # noqa: E402  (the drafter pools the engine runs)
+
 HERE = Path(__file__).resolve().parent
 K = 4
 PROBE_WINDOW = 32  # as vllm_metasd.evidence.PROBE_WINDOW
@@ -359,10 +361,6 @@ def tune(args) -> None:
                   f"({r['accepted_vs_oracle']:.3f})")
     if args.plot:
         plot_regret(trace, best, fixed, args.plot)
-
-
-POOLS = {"default": "general", "paper": "general-equal"}  # as benchmarks/selection.py
-SPECIALISTS = ("code", "prose", "math", "data", "german")
 
 
 def by_speed(trace: dict, times: StepTimes, betas=(0.05, 0.1, 0.3)) -> dict:
