@@ -120,6 +120,29 @@ def test_throughput_drafts_only_with_the_rows_own_bandit_choice_or_a_free_arm():
     assert ctl.choose(["a"], np.array([True]), seq).tolist() == [-1]
 
 
+def test_a_free_arm_is_valued_at_its_mean_without_an_exploration_bonus():
+    # The free arm is scored on every step (full information): its estimate is
+    # as good as it gets, and optimism would only overvalue it. Row "a": the LM
+    # yields 1 token beyond the target's per step (10 steps seen), the lookup
+    # 0.75 (4 steps seen). Modelled step: target 2.4 ms + 1.6 ms to verify k
+    # drafts, the LM 1 ms: LM (1 + 1 + its bonus 0.66) / 5 ms = 532 tok/s; the
+    # lookup 1.75 / 4 ms = 438 tok/s (with a bonus of 1.04 it would be 698).
+    store = RequestStateStore(make_policy("ucb", 2, beta=1e-6))
+    ctl = StepController(store, k=K, objective="throughput", free_arms=[False, True],
+                         beta=0.1)
+    seq = np.array([50])
+    ctl.choose(["a"], np.array([True]), seq)
+    ctl.observe_step_time(5, 4e-3)
+    ctl.observe_group_time(0, 1, 1e-3)
+    ctl.observe_group_time(1, 1, 1e-9)
+    s = store.get("a")
+    s.computed[0] = 50
+    s.gain_sum[:], s.gain_count[:] = [10.0, 3.0], [10, 4]
+    assert ctl.choose(["a"], np.array([True]), seq).tolist() == [0]
+    s.gain_sum[1] = 4.8  # the lookup: 2.2 / 4 ms = 550 tok/s
+    assert ctl.choose(["a"], np.array([True]), seq).tolist() == [1]
+
+
 def test_prompt_probe_seeds_estimates_and_marks_the_kv_filled():
     store = RequestStateStore(make_policy("ucb", 3, beta=0.1))
     ctl = StepController(store, k=K, free_arms=[False, False, True])

@@ -3,6 +3,7 @@ import gc
 import math
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from vllm_metasd.core import EXP3Policy, RequestStateStore, UCBPolicy
@@ -104,6 +105,22 @@ def test_warm_start_prior_uses_real_rewards_not_its_own_pseudo_counts():
     store.record(s, 0, 4, 0, 0.0)
     store.free("b")
     assert store.global_prior.prior().means[0] == pytest.approx(0.5)  # (1 + 0) / 2
+
+
+def test_warm_start_seeds_token_estimates_from_real_gains_only():
+    store = RequestStateStore(UCBPolicy(2), warm_start=True, prior_pseudo_count=2)
+    s = store.get_or_create("a")
+    for gain in (3.0, 1.0):  # arm 0: 2 tokens beyond the target's per step; arm 1 unseen
+        s.observe_gain(0, gain)
+    store.free("a")
+    b = store.get_or_create("b")
+    assert b.gain_sum.tolist() == [4.0, 0.0] and b.gain_count.tolist() == [2.0, 0.0]
+    b.observe_gain(0, 0.0)  # its own evidence: 0; the prior's pseudo-observations left out
+    assert b.mean_gains()[0] == 0.0 and np.isnan(b.mean_gains()[1])
+    store.free("b")
+    assert store.gain_prior.prior().means[0] == pytest.approx(1.0)  # (2 + 0) / 2 requests
+    cold = RequestStateStore(UCBPolicy(2)).get_or_create("x")
+    assert cold.gain_count.tolist() == [0.0, 0.0]
 
 
 def test_arm_names_must_match_arms():

@@ -4,9 +4,10 @@
   first step every arm is scored on the request's own known tokens (a draft
   LM passes over them, which also fills its KV; the lookup tries each of the
   last positions), one observation per arm for the request's bandit.
-- Full information for free arms (the n-gram lookup, under the throughput
-  objective): what the lookup would have drafted for the rows it did not
-  draft for, scored on the next step against the verified tokens.
+- Full information for free arms (n-gram lookups, under the throughput
+  objective): what each would have drafted for the rows it did not draft
+  for, scored on the next step against the verified tokens (so the objective
+  values them at their mean, with no exploration bonus).
 """
 from __future__ import annotations
 
@@ -34,46 +35,46 @@ def probe_new_requests(arms: list, names: list[str], controller: StepController,
 
 
 class WouldBeDrafts:
-    """One free arm's drafts for the rows it did not draft for, pending until
+    """The free arms' drafts for the rows they did not draft for, pending until
     the next step's verified tokens score them."""
 
     def __init__(self):
-        self._pending = None  # (arm, request ids, draft ids, draft lengths)
+        self._pending = []  # per free arm: (arm, request ids, draft ids, draft lengths)
 
     def make(self, arms: list, choice: np.ndarray, active: np.ndarray, req_ids: list[str],
              seq_lens: np.ndarray, token_ids: np.ndarray, k: int) -> None:
-        self._pending = None
+        self._pending = []
         for a, arm in enumerate(arms):
             if not arm.deterministic:
                 continue
             rows = np.flatnonzero(active & (choice != a))
             if len(rows) == 0:
-                return
+                continue
             d = arm.draft(DraftStep(rows=rows, starts=rows, seq_lens=seq_lens,
                                     token_ids=token_ids, block_table=None,
                                     sampling_metadata=None, k=k, want_q=False))
-            self._pending = (a, [req_ids[r] for r in rows], np.array(d.ids),
-                             np.array(d.lengths))
-            return  # one free arm is enough to learn from
+            self._pending.append((a, [req_ids[r] for r in rows], np.array(d.ids),
+                                  np.array(d.lengths)))
 
     def score(self, controller: StepController, req_ids: list[str], new_tokens: np.ndarray,
               valid: np.ndarray) -> None:
         """Each pending draft's matched prefix among this step's verified tokens:
         reward per drafted token (an empty draft scores 0) and accepted count."""
-        if self._pending is None:
+        pending, self._pending = self._pending, []
+        if not pending:
             return
-        a, who, ids, lengths = self._pending
-        self._pending = None
         row_of = {r: i for i, r in enumerate(req_ids)}
-        pick = [(j, row_of[r]) for j, r in enumerate(who) if r in row_of]
-        if not pick:
-            return
-        j, rows = map(np.array, zip(*pick))
-        ids, lengths = ids[j], lengths[j]
-        width = min(ids.shape[1], new_tokens.shape[1])
-        pos = np.arange(width)
-        hit = ((ids[:, :width] == new_tokens[rows, :width]) & (pos < valid[rows, None])
-               & (pos < lengths[:, None]))
-        matched = np.cumprod(hit, axis=1).sum(1)
-        reward = np.where(lengths > 0, matched / np.maximum(lengths, 1), 0.0)
-        controller.full_information(a, [who[i] for i in j], reward.tolist(), matched.tolist())
+        for a, who, ids, lengths in pending:
+            pick = [(j, row_of[r]) for j, r in enumerate(who) if r in row_of]
+            if not pick:
+                continue
+            j, rows = map(np.array, zip(*pick))
+            ids_j, lengths_j = ids[j], lengths[j]
+            width = min(ids_j.shape[1], new_tokens.shape[1])
+            pos = np.arange(width)
+            hit = ((ids_j[:, :width] == new_tokens[rows, :width]) & (pos < valid[rows, None])
+                   & (pos < lengths_j[:, None]))
+            matched = np.cumprod(hit, axis=1).sum(1)
+            reward = np.where(lengths_j > 0, matched / np.maximum(lengths_j, 1), 0.0)
+            controller.full_information(a, [who[i] for i in j], reward.tolist(),
+                                        matched.tolist())

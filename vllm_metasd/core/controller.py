@@ -22,7 +22,10 @@ request's first step and freed by one call. The rules:
   with each arm and costs measured online (the target's time per processed
   token, each arm group's drafting time). Arms whose would-be drafts cost
   nothing to score (n-gram) also learn from every verified step (full
-  information). A pinned arm (policy "fixed") is never second-guessed;
+  information), so they are valued at their mean, without the exploration
+  bonus. With warm start, a new request's estimates start from the finished
+  requests' mean tokens per step with each arm. A pinned arm (policy
+  "fixed") is never second-guessed;
 - prompt-informed start (``probed``): a new request's bandit starts with one
   observation per arm, its agreement with the request's own text.
 
@@ -150,11 +153,13 @@ class StepController:
         gain = np.array([s.gain_sum for s in states]).reshape(len(states), n_arms)
         count = np.array([s.gain_count for s in states]).reshape(len(states), n_arms)
         total = count.sum(1, keepdims=True) + 1.0
+        # Optimistic tokens per step beyond the target's own (UCB on the
+        # tokens' scale); an arm never observed for the row: all k. A free arm
+        # is observed every step whoever drafts (full information): nothing
+        # to explore, its mean is its value.
+        bonus = np.where(self.free_arms, 0.0, k * np.sqrt(self.beta))
         with np.errstate(divide="ignore", invalid="ignore"):
-            # Optimistic tokens per step beyond the target's own (UCB on the
-            # tokens' scale); an arm never observed for the row: all k.
-            extra = np.where(count > 0, gain / count
-                             + k * np.sqrt(self.beta * np.log(total) / count), k)
+            extra = np.where(count > 0, gain / count + bonus * np.sqrt(np.log(total) / count), k)
         tokens = 1.0 + np.clip(extra, 0.0, k)
         # Which draft LM is the row's own bandit's (alignment) choice; the step
         # then decides by speed whether the row drafts with it, joins an open

@@ -62,6 +62,17 @@ class RequestState:
     # included): the throughput objective's estimate, on the scale of tokens.
     gain_sum: np.ndarray | None = None
     gain_count: np.ndarray | None = None
+    # Of which the warm start's pseudo-observations (sum, count), not this request's
+    gain_prior: tuple[np.ndarray, np.ndarray] | None = None
+
+    def mean_gains(self) -> np.ndarray:
+        """Per arm: this request's mean tokens per step beyond the target's
+        (NaN: not observed; the warm start's pseudo-observations left out)."""
+        total, count = self.gain_sum, self.gain_count
+        if self.gain_prior is not None:
+            total, count = total - self.gain_prior[0], count - self.gain_prior[1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(count > 0, total / count, np.nan)
 
     def observe_gain(self, arm: int, accepted: float) -> None:
         self.gain_sum[arm] += accepted
@@ -70,8 +81,9 @@ class RequestState:
 
 class RequestStateStore:
     """``arm_names`` label the snapshot; ``warm_start`` starts each new
-    request's bandit from the finished requests' per-arm mean rewards, each
-    worth ``prior_pseudo_count`` pulls."""
+    request's bandit from the finished requests' per-arm mean rewards, and its
+    tokens-per-step estimates (the throughput objective's) from their per-arm
+    mean gains, each worth ``prior_pseudo_count`` observations."""
 
     def __init__(self, policy: Policy, arm_names: list[str] | None = None,
                  warm_start: bool = False, prior_pseudo_count: float = 2.0):
@@ -83,6 +95,7 @@ class RequestStateStore:
         self.warm_start = warm_start
         self.prior_pseudo_count = prior_pseudo_count
         self.global_prior = GlobalPrior(n)
+        self.gain_prior = GlobalPrior(n)
         self.totals = DrafterStats.zeros(n)
         self._states: dict[str, RequestState] = {}
         self._created = 0  # state seed: reproducible, distinct per request
@@ -103,11 +116,19 @@ class RequestStateStore:
     def get_or_create(self, req_id: str) -> RequestState:
         state = self._states.get(req_id)
         if state is None:
-            prior = self.global_prior.prior(self.prior_pseudo_count) if self.warm_start else None
+            prior = gains = None
+            if self.warm_start:
+                prior = self.global_prior.prior(self.prior_pseudo_count)
+                gains = self.gain_prior.prior(self.prior_pseudo_count)
             n = self.policy.num_arms
             state = RequestState(self.policy.new_state(prior, state_seed=self._created),
                                  DrafterStats.zeros(n), gain_sum=np.zeros(n),
                                  gain_count=np.zeros(n))
+            if gains is not None:
+                counts = np.array(gains.counts)
+                state.gain_prior = (np.array(gains.means) * counts, counts)
+                state.gain_sum += state.gain_prior[0]
+                state.gain_count += counts
             self._created += 1
             self._states[req_id] = state
         return state
@@ -144,6 +165,7 @@ class RequestStateStore:
         state = self._states.pop(req_id, None)
         if state is not None and self.warm_start:
             self.global_prior.observe(state.stats.mean_rewards())
+            self.gain_prior.observe(state.mean_gains())
         return state
 
     def free_missing(self, live_ids: set[str]) -> list[str]:
