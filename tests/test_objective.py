@@ -55,6 +55,22 @@ def test_opening_a_second_group_must_pay_for_itself():
     assert choose_by_throughput(tokens, np.zeros((8, 2)), c, K).tolist() == [1] * 4 + [0] * 4
 
 
+def test_a_single_row_takes_the_option_with_the_highest_step_rate():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        tokens = 1.0 + rng.random((1, 3)) * K
+        catch_up = rng.random((1, 3)) * 2e-3 * (rng.random((1, 3)) < 0.3)
+        c = costs(target_fixed=rng.random() * 8e-3 + 1e-4, per_token=rng.random() * 1e-3,
+                  arm_fixed=rng.random(3) * 4e-3, arm_per_row=rng.random(3) * 1e-3)
+        c.arm_fixed, c.arm_per_row = np.append(c.arm_fixed[:2], 0.0), np.append(
+            c.arm_per_row[:2], 0.0)
+        plain_s = c.target_fixed + c.target_per_token
+        step_s = plain_s + c.target_per_token * K + c.arm_per_row + catch_up[0] + c.arm_fixed
+        rates = np.append(tokens[0] / step_s, 1.0 / plain_s)  # the last: no draft
+        pick = choose_by_throughput(tokens, catch_up, c, K)[0]
+        assert rates[pick] == pytest.approx(rates.max())
+
+
 def test_catch_up_cost_keeps_rows_where_their_kv_is():
     tokens = expected_tokens(np.array([[0.8, 0.81]]), K)
     catch_up = np.array([[0.0, 5e-3]])  # arm 1 would first process 300 missed tokens

@@ -61,6 +61,7 @@ class StepController:
         self.free_arms = np.array(free_arms if free_arms is not None else [False] * n)
         self.target_cost = LinearCost()  # seconds of a target step per token verified
         self.arm_cost = [LinearCost() for _ in range(n)]  # seconds of a group per row
+        self._arm_fits = np.full((n, 2), np.nan)  # their fits (fixed, per row); NaN: unseen
         self.failures = [0] * n  # consecutive, per arm
         self.total_failures = [0] * n
         self.disabled: set[int] = set()  # for the engine's lifetime
@@ -128,12 +129,12 @@ class StepController:
     def costs(self) -> StepCosts:
         """The online cost model; an arm not yet measured is priced like the
         measured arms of its kind (or free)."""
-        fits = np.array([c.fit() if c.seen else (np.nan, np.nan) for c in self.arm_cost])
-        for kind in (True, False):
+        fits = self._arm_fits.copy()
+        unseen = np.isnan(fits[:, 0])
+        for kind in (True, False) if unseen.any() else ():
             mask = self.free_arms == kind
-            seen = mask & ~np.isnan(fits[:, 0])
-            fill = fits[seen].mean(0) if seen.any() else (0.0, 0.0)
-            fits[mask & np.isnan(fits[:, 0])] = fill
+            seen = mask & ~unseen
+            fits[mask & unseen] = fits[seen].mean(0) if seen.any() else (0.0, 0.0)
         t0, t1 = self.target_cost.fit()
         return StepCosts(t0, t1, fits[:, 0], fits[:, 1])
 
@@ -158,8 +159,8 @@ class StepController:
         # is observed every step whoever drafts (full information): nothing
         # to explore, its mean is its value.
         bonus = np.where(self.free_arms, 0.0, k * np.sqrt(self.beta))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            extra = np.where(count > 0, gain / count + bonus * np.sqrt(np.log(total) / count), k)
+        seen = np.where(count > 0, count, 1.0)
+        extra = np.where(count > 0, gain / seen + bonus * np.sqrt(np.log(total) / seen), k)
         tokens = 1.0 + np.clip(extra, 0.0, k)
         # Which draft LM is the row's own bandit's (alignment) choice; the step
         # then decides by speed whether the row drafts with it, joins an open
@@ -190,6 +191,7 @@ class StepController:
 
     def observe_group_time(self, arm: int, rows: int, seconds: float) -> None:
         self.arm_cost[arm].add(rows, seconds)
+        self._arm_fits[arm] = self.arm_cost[arm].fit()
 
     def full_information(self, arm: int, req_ids: Sequence[str], rewards: Sequence[float],
                          accepted: Sequence[int]) -> None:

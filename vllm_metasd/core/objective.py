@@ -15,7 +15,8 @@ opening a group pays only if its rows gain more than that together (a draft
 LM's forward costs nearly the same for one row as for all: joining an open
 group is cheap, opening one is not). Groups are opened greedily while one
 pays; lam is then recomputed and the choice redone (a few rounds). All of it
-is [B, A] numpy: no per-row Python.
+is [B, A] numpy: no per-row Python. A batch of one row needs none of it:
+its best option is the one with the highest step rate.
 
 Expected tokens come from the controller (each request's observed tokens per
 step with each arm, optimistic by a UCB bonus); ``expected_tokens`` turns a
@@ -57,6 +58,11 @@ def choose_by_throughput(tokens: np.ndarray, catch_up_s: np.ndarray, costs: Step
     if b == 0 or a == 0:
         return np.full(b, -1, dtype=np.int64)
     per_row_s = (costs.target_per_token * k + costs.arm_per_row)[None, :] + catch_up_s
+    if b == 1:  # one row: each option's own step rate, the best of them (exact)
+        plain_s = costs.target_fixed + costs.target_per_token
+        rate = tokens[0] / (plain_s + per_row_s[0] + costs.arm_fixed)
+        best = int(rate.argmax())
+        return np.array([best if rate[best] * plain_s > 1.0 else -1], dtype=np.int64)
     choice = np.full(b, -1, dtype=np.int64)
     rows = np.arange(b)
     lam = b / (costs.target_fixed + costs.target_per_token * b)  # plain decoding's rate
