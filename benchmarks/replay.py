@@ -185,15 +185,17 @@ class StepTimes:
     free_s: float = 0.0
 
     @classmethod
-    def from_selection(cls, path: Path, general: str = "general") -> "StepTimes":
-        """From a selection benchmark's batch-1 figures (default pool): plain
-        decoding's seconds per token; n-gram's step minus that is verification
-        (its lookup is microseconds); the general drafter's step minus both is
-        its k forwards."""
-        by = {e["method"]: e for e in json.loads(Path(path).read_text())["methods"]
-              if e["pool"] == "default"}
-        step = lambda m: (1 + by[m]["mean_accepted_len"]) / by[m]["tokens_per_s_bs1"]  # noqa: E731
-        plain = 1 / by["none"]["tokens_per_s_bs1"]
+    def from_results(cls, path: Path, general: str = "general") -> "StepTimes":
+        """From a benchmark's batch-1 figures (``batch1.json``, or the default
+        pool of ``selection.json``): plain decoding's seconds per token;
+        n-gram's step minus that is verification (its lookup is microseconds);
+        the general drafter's step minus both is its k forwards."""
+        by = {e["method"]: (e.get("tokens_per_s", e.get("tokens_per_s_bs1")),
+                            e["mean_accepted_len"])
+              for e in json.loads(Path(path).read_text())["methods"]
+              if e.get("pool", "default") == "default"}
+        step = lambda m: (1 + by[m][1]) / by[m][0]  # noqa: E731
+        plain = 1 / by["none"][0]
         verify = max(step("ngram") - plain, 0.0)
         return cls(plain, verify, max(step(f"draft:{general}") - plain - verify, 0.0))
 
@@ -344,7 +346,7 @@ def tune(args) -> None:
             cands, key=lambda r: r["regret_steps"])
     result = {"trace": str(args.trace), "prompts": int(len(trace["offsets"]) - 1),
               "arms": [str(a) for a in trace["arms"]], "best": best, "all": rows,
-              "by_speed": by_speed(trace, StepTimes.from_selection(args.selection))}
+              "by_speed": by_speed(trace, StepTimes.from_results(args.times))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"{'policy/reward':38s} {'params':34s} {'MAL':>6s} {'/oracle':>8s} {'/best':>6s}")
@@ -436,8 +438,9 @@ def main(argv=None) -> None:
     tun.add_argument("--out", type=Path, default=HERE / "results" / "replay.json")
     tun.add_argument("--plot", type=Path, default=HERE / "results" / "regret.png")
     tun.add_argument("--seeds", type=int, default=3)
-    tun.add_argument("--selection", type=Path, default=HERE / "results" / "selection.json",
-                     help="batch-1 figures the modelled step times come from (StepTimes)")
+    tun.add_argument("--times", type=Path, default=HERE / "results" / "batch1.json",
+                     help="batch-1 figures the modelled step times come from (StepTimes): "
+                          "batch1.json or selection.json")
     args = ap.parse_args(argv)
     record(args) if args.cmd == "record" else tune(args)
 

@@ -93,13 +93,17 @@ def test_throughput_replay_trades_acceptance_for_speed():
         assert tokens / by_speed["seconds"].sum() >= 0.97 * tokens / by_alignment["seconds"].sum()
 
 
-def test_step_times_from_selection_figures(tmp_path):
+def test_step_times_from_benchmark_figures(tmp_path):
     def e(method, tps, acc):
         return {"pool": "default", "method": method, "tokens_per_s_bs1": tps,
                 "mean_accepted_len": acc}
-    path = tmp_path / "selection.json"
-    path.write_text(json.dumps({"methods": [e("none", 100.0, 0.0), e("ngram", 100.0, 0.1),
-                                            e("draft:general", 150.0, 2.0)]}))
-    t = replay.StepTimes.from_selection(path)
-    # plain 10 ms per token; n-gram 11 ms per step (1 ms verifying); general 20 ms
-    assert (t.plain_s, t.verify_s, t.lm_s) == pytest.approx((0.010, 0.001, 0.009))
+    figures = [e("none", 100.0, 0.0), e("ngram", 100.0, 0.1), e("draft:general", 150.0, 2.0),
+               {**e("draft:general", 1.0, 0.0), "pool": "paper"}]  # other pools: ignored
+    (tmp_path / "selection.json").write_text(json.dumps({"methods": figures}))
+    batch1 = [{"method": f["method"], "tokens_per_s": f["tokens_per_s_bs1"],
+               "mean_accepted_len": f["mean_accepted_len"]} for f in figures[:3]]
+    (tmp_path / "batch1.json").write_text(json.dumps({"methods": batch1}))
+    for name in ("selection.json", "batch1.json"):
+        t = replay.StepTimes.from_results(tmp_path / name)
+        # plain 10 ms per token; n-gram 11 ms per step (1 ms verifying); general 20 ms
+        assert (t.plain_s, t.verify_s, t.lm_s) == pytest.approx((0.010, 0.001, 0.009))
