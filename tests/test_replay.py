@@ -25,6 +25,24 @@ def test_ngram_draft_is_vllms_matcher():
     assert replay.ngram_draft(np.array([1, 2, 3]), 3, 1, 2).tolist() == []
 
 
+def test_the_engines_ngram_matcher_is_vllms_batch_matcher():
+    from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+
+    from vllm_metasd.arms import propose_ngrams
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 6, (16, 64)).astype(np.int32)  # a small vocabulary: many matches
+    seq_lens = rng.integers(1, 64, 16).astype(np.int32)
+    rows = np.array([0, 3, 4, 7, 9, 15])
+    for min_n, max_n, k in ((1, 2, 3), (2, 4, 4), (3, 3, 5)):
+        got = np.zeros((16, k), np.int32), np.zeros(16, np.int32)
+        want = np.zeros((16, k), np.int32), np.zeros(16, np.int32)
+        propose_ngrams(rows, seq_lens, tokens, min_n, max_n, 64, k, *got)
+        batch_propose_numba(rows.tolist(), seq_lens, tokens, min_n, max_n, 64, k, *want)
+        assert (got[1] == want[1]).all() and (got[0] == want[0]).all()
+        assert got[1][rows].any()
+
+
 def synthetic_trace(L=60, prompts=12, seed=0):
     """Arm i is perfect on prompts of domain i (i < 2) and useless elsewhere;
     arm 2 accepts one token everywhere."""

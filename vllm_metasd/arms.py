@@ -24,11 +24,14 @@ import time
 
 import numpy as np
 import torch
+from numba import njit
 from vllm.config import SpeculativeConfig
 from vllm.model_executor.model_loader import get_model
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
-from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+from vllm.v1.spec_decode.ngram_proposer import (
+    _find_longest_matched_ngram_and_propose_tokens as _match_one,
+)
 from vllm.v1.utils import CpuGpuBuffer
 
 from vllm_metasd.core import plan_catch_up
@@ -215,6 +218,20 @@ class DraftLMArm(DraftModelProposer):
         return ids, q, q_top
 
 
+@njit
+def propose_ngrams(rows, seq_lens, token_ids, min_n, max_n, max_model_len, k, ids, num):
+    """vLLM's ``batch_propose_numba`` for ``rows`` (int64), one row after the
+    other: the same per-row matcher, without the thread-pool launch of its
+    ``prange`` (which vLLM, like MetaSD, runs on one thread below 8192 tokens;
+    after a forward pass the launch costs more than the lookup)."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        out = _match_one(token_ids[r, :seq_lens[r]], min_n, max_n, max_model_len, k)
+        num[r] = out.shape[0]
+        if out.shape[0]:
+            ids[r, :out.shape[0]] = out
+
+
 class NgramArm:
     deterministic = True  # drafts are exact lookups: q is one-hot
 
@@ -227,23 +244,16 @@ class NgramArm:
         self._ids = np.zeros((max_reqs, k), dtype=np.int32)
         self._num = np.zeros(max_reqs, dtype=np.int32)
         # Compile once now, with the argument types of every later call.
-        self._match([0], np.full(1, 2, dtype=np.int32), np.zeros((1, 2), dtype=np.int32), k)
+        self._match(np.zeros(1, dtype=np.int64), np.full(1, 2, dtype=np.int32),
+                    np.zeros((1, 2), dtype=np.int32), k)
 
-    def _match(self, rows: list[int], seq_lens, token_ids, k: int, ids=None, num=None) -> None:
-        import numba
-
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)  # as vLLM below 8192 tokens: threads cost more
-        try:
-            batch_propose_numba(rows, seq_lens, token_ids, self.min_n, self.max_n,
-                                self.max_model_len, k,
-                                self._ids if ids is None else ids,
-                                self._num if num is None else num)
-        finally:
-            numba.set_num_threads(threads)
+    def _match(self, rows: np.ndarray, seq_lens, token_ids, k: int, ids=None, num=None) -> None:
+        propose_ngrams(rows.astype(np.int64, copy=False), seq_lens, token_ids, self.min_n,
+                       self.max_n, self.max_model_len, k, self._ids if ids is None else ids,
+                       self._num if num is None else num)
 
     def draft(self, step: DraftStep) -> Draft:
-        self._match(step.rows.tolist(), step.seq_lens, step.token_ids, step.k)
+        self._match(step.rows, step.seq_lens, step.token_ids, step.k)
         return Draft(self._ids[step.rows, :step.k], lengths=self._num[step.rows])
 
     def probe(self, step: DraftStep, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +268,7 @@ class NgramArm:
                                                            (len(ends), n)))
             ids = np.zeros((len(ends), 1), dtype=np.int32)
             num = np.zeros(len(ends), dtype=np.int32)
-            self._match(list(range(len(ends))), ends, history, 1, ids, num)
+            self._match(np.arange(len(ends)), ends, history, 1, ids, num)
             agreement[i] = ((num > 0) & (ids[:, 0] == step.token_ids[row, ends])).mean()
         return lens, agreement
 
