@@ -61,7 +61,6 @@ class StepController:
         self.free_arms = np.array(free_arms if free_arms is not None else [False] * n)
         self.target_cost = LinearCost()  # seconds of a target step per token verified
         self.arm_cost = [LinearCost() for _ in range(n)]  # seconds of a group per row
-        self._arm_fits = np.full((n, 2), np.nan)  # their fits (fixed, per row); NaN: unseen
         self.failures = [0] * n  # consecutive, per arm
         self.total_failures = [0] * n
         self.disabled: set[int] = set()  # for the engine's lifetime
@@ -129,7 +128,7 @@ class StepController:
     def costs(self) -> StepCosts:
         """The online cost model; an arm not yet measured is priced like the
         measured arms of its kind (or free)."""
-        fits = self._arm_fits.copy()
+        fits = np.array([c.fit() if c.seen else (np.nan, np.nan) for c in self.arm_cost])
         unseen = np.isnan(fits[:, 0])
         for kind in (True, False) if unseen.any() else ():
             mask = self.free_arms == kind
@@ -191,7 +190,6 @@ class StepController:
 
     def observe_group_time(self, arm: int, rows: int, seconds: float) -> None:
         self.arm_cost[arm].add(rows, seconds)
-        self._arm_fits[arm] = self.arm_cost[arm].fit()
 
     def full_information(self, arm: int, req_ids: Sequence[str], rewards: Sequence[float],
                          accepted: Sequence[int]) -> None:

@@ -96,24 +96,28 @@ def choose_by_throughput(tokens: np.ndarray, catch_up_s: np.ndarray, costs: Step
 
 class LinearCost:
     """Online least-squares fit ``seconds = fixed + slope * x`` with
-    exponential forgetting (so it follows a machine whose load changes)."""
+    exponential forgetting (so it follows a machine whose load changes).
+    The fit is solved once per observation (``add``), not per read."""
 
     def __init__(self, decay: float = 0.995):
         self.decay = decay
         self.s = np.zeros(5)  # weight, x, y, x^2, x*y
+        self._fit = (0.0, 0.0)
 
     def add(self, x: float, y: float) -> None:
         self.s *= self.decay
         self.s += (1.0, x, y, x * x, x * y)
+        self._fit = self._solve()
 
     @property
     def seen(self) -> bool:
         return self.s[0] > 0
 
     def fit(self) -> tuple[float, float]:
-        w, x, y, xx, xy = self.s
-        if w <= 0:
-            return 0.0, 0.0
+        return self._fit
+
+    def _solve(self) -> tuple[float, float]:
+        w, x, y, xx, xy = self.s.tolist()
         mx, my = x / w, y / w
         var = xx / w - mx * mx
         slope = max((xy / w - mx * my) / var, 0.0) if var > 1e-9 * max(mx * mx, 1.0) else 0.0
