@@ -15,9 +15,11 @@ Four thin wrappers on ``GPUModelRunner`` (which ``CPUModelRunner`` inherits):
   requests finished, were aborted or preempted (bandit state and drafter KV
   bookkeeping are freed there).
 - ``propose_draft_token_ids``: ask the proposer first whether this step
-  speculates (its speculation gate); a plain step returns no drafts before
-  vLLM prepares the drafters' inputs (under async scheduling vLLM's
-  preparation still runs: it records the counts the next step needs).
+  speculates (its speculation gate); then the proposer drafts from the
+  runner's token buffer, block table and sampling metadata, without vLLM's
+  input preparation for a single drafter, which it would not read (under
+  async scheduling vLLM's preparation still runs: it records the counts the
+  next step needs, and its propose call reaches the proposer's).
 - ``_sample``: capture the alignment feedback computed during rejection
   sampling and hand it to the proposer, so each request's bandit is updated
   before its next arm choice (the drafting of this same step). A step in
@@ -98,15 +100,31 @@ def _sample(original):
 
 
 def _propose_draft_token_ids(original):
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, aux_hidden_states,
+                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+        args = (scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                common_attn_metadata, slot_mappings)
         drafter = _metasd_drafter(self)
-        speculates = drafter is None or drafter.start_step(
-            scheduler_output.total_num_scheduled_tokens, sampled_token_ids,
-            self.discard_request_mask.np)
-        # Under async scheduling vLLM's preparation records counts the next step reads.
-        if speculates or self.valid_sampled_token_count_event is not None:
-            return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
-        return drafter.plain_step()
+        if drafter is None:
+            return original(self, *args)
+        speculates = drafter.start_step(scheduler_output.total_num_scheduled_tokens,
+                                        sampled_token_ids, self.discard_request_mask.np)
+        if self.valid_sampled_token_count_event is not None:
+            # Async scheduling: vLLM's preparation records counts the next
+            # step reads; its propose call reaches the drafter's.
+            return original(self, *args)
+        if not speculates:
+            return drafter.plain_step()
+        # The arms read the runner's token buffer, block table and sampling
+        # metadata: none of what vLLM prepares for a single drafter.
+        drafts = drafter.draft(scheduler_output.num_spec_tokens_to_schedule,
+                               common_attn_metadata.block_table_tensor, sampling_metadata)
+        if (draft_probs := drafter.take_last_draft_probs()) is not None:
+            self._draft_probs = draft_probs  # as vLLM's own path keeps them
+            self._draft_prob_req_ids = self.input_batch.req_ids.copy()
+        return drafts
 
     return propose_draft_token_ids
 

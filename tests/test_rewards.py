@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_metasd.core import acceptance_reward, bd_reward, match_reward, row_ids, segment_mean
+from vllm_metasd.core import acceptance_reward, bd_reward, match_reward, segment_mean
 
 
 def logits_of(p):
@@ -88,8 +88,9 @@ def test_empty_rows_are_nan_and_partial_drafts_normalise_by_drafted():
     assert r[1].item() == pytest.approx(0.5) and r[3].item() == pytest.approx(1.0)
 
 
-def test_row_ids_per_flat_position():
-    assert row_ids(torch.tensor([2, 2, 5, 6]), 6).tolist() == [0, 0, 2, 2, 2, 3]
+def test_segment_mean_per_row_of_flat_positions():
+    r = segment_mean(torch.arange(6.0), torch.tensor([2, 2, 5, 6], dtype=torch.int32))
+    assert r[[0, 2, 3]].tolist() == [0.5, 3.0, 5.0] and r[1].isnan()  # row 1: nothing drafted
 
 
 def test_bf16_inputs_accumulate_in_fp32():

@@ -39,11 +39,13 @@ class WouldBeDrafts:
     the next step's verified tokens score them."""
 
     def __init__(self):
-        self._pending = []  # per free arm: (arm, request ids, draft ids, draft lengths)
+        self._pending = []  # per free arm: (arm, batch rows, draft ids, draft lengths)
+        self._req_ids: list[str] = []  # the batch's requests, by row, when they were made
 
     def make(self, arms: list, choice: np.ndarray, active: np.ndarray, req_ids: list[str],
              seq_lens: np.ndarray, token_ids: np.ndarray, k: int) -> None:
         self._pending = []
+        self._req_ids = req_ids
         for a, arm in enumerate(arms):
             if not arm.deterministic:
                 continue
@@ -53,8 +55,7 @@ class WouldBeDrafts:
             d = arm.draft(DraftStep(rows=rows, starts=rows, seq_lens=seq_lens,
                                     token_ids=token_ids, block_table=None,
                                     sampling_metadata=None, k=k, want_q=False))
-            self._pending.append((a, [req_ids[r] for r in rows], np.array(d.ids),
-                                  np.array(d.lengths)))
+            self._pending.append((a, rows, np.array(d.ids), np.array(d.lengths)))
 
     def score(self, controller: StepController, req_ids: list[str], new_tokens: np.ndarray,
               valid: np.ndarray) -> None:
@@ -63,18 +64,18 @@ class WouldBeDrafts:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        row_of = {r: i for i, r in enumerate(req_ids)}
-        for a, who, ids, lengths in pending:
-            pick = [(j, row_of[r]) for j, r in enumerate(who) if r in row_of]
-            if not pick:
-                continue
-            j, rows = map(np.array, zip(*pick))
-            ids_j, lengths_j = ids[j], lengths[j]
-            width = min(ids_j.shape[1], new_tokens.shape[1])
-            pos = np.arange(width)
-            hit = ((ids_j[:, :width] == new_tokens[rows, :width]) & (pos < valid[rows, None])
-                   & (pos < lengths_j[:, None]))
+        made_for = self._req_ids
+        row_of = None if req_ids == made_for else {r: i for i, r in enumerate(req_ids)}
+        for a, rows, ids, lengths in pending:
+            who = [made_for[r] for r in rows.tolist()]
+            if row_of is not None:  # the batch changed: requests by id
+                now = np.array([row_of.get(r, -1) for r in who], dtype=np.int64)
+                kept = np.flatnonzero(now >= 0)
+                who, rows, ids, lengths = [who[i] for i in kept], now[kept], ids[kept], lengths[kept]
+            width = min(ids.shape[1], new_tokens.shape[1])
+            scored = np.minimum(lengths, valid[rows])  # drafted and verified positions
+            hit = ((ids[:, :width] == new_tokens[rows, :width])
+                   & (np.arange(width) < scored[:, None]))
             matched = np.cumprod(hit, axis=1).sum(1)
-            reward = np.where(lengths_j > 0, matched / np.maximum(lengths_j, 1), 0.0)
-            controller.full_information(a, [who[i] for i in j], reward.tolist(),
-                                        matched.tolist())
+            reward = np.where(lengths > 0, matched / np.maximum(lengths, 1), 0.0)
+            controller.full_information(a, who, reward.tolist(), matched.tolist())

@@ -229,9 +229,18 @@ class MetaSDProposer(DraftModelProposer):
                 target_hidden_states, next_token_ids, token_indices_to_sample,
                 common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
                 num_rejected_tokens_gpu=None, slot_mappings=None):
-        if not self._speculating:  # vLLM prepared the inputs anyway (async scheduling)
+        """vLLM's drafter interface, reached under async scheduling only (vLLM
+        prepared the target's inputs for a drafter; the arms read none of them)."""
+        if not self._speculating:
             return self.plain_step()
-        tel, k = self.telemetry, num_speculative_tokens
+        return self.draft(num_speculative_tokens, common_attn_metadata.block_table_tensor,
+                          sampling_metadata)
+
+    def draft(self, k: int, block_table: torch.Tensor, sampling_metadata) -> list[list[int]]:
+        """This step's drafts, one list per batch row, after ``start_step``
+        decided to speculate: what the arms read is the runner's token buffer,
+        the step's block table and sampling metadata."""
+        tel = self.telemetry
         t = time.perf_counter()
         start, n, new_tokens, valid = self._step
         batch = self.runner.input_batch
@@ -245,7 +254,7 @@ class MetaSDProposer(DraftModelProposer):
             probe_new_requests(self.arms, self.arm_names, self.controller, DraftStep(
                 rows=new_rows, starts=np.zeros(len(new_rows), dtype=np.int64),
                 seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
-                block_table=common_attn_metadata.block_table_tensor,
+                block_table=block_table,
                 sampling_metadata=sampling_metadata, k=0, want_q=False))
             t = tel.add("probe", t)
         arms = self.controller.choose(req_ids, active, seq_lens)
@@ -268,7 +277,7 @@ class MetaSDProposer(DraftModelProposer):
             rows, arm = groups[a], self.arms[a]
             step = DraftStep(rows=rows, starts=self.controller.caught_up(a, rows),
                              seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
-                             block_table=common_attn_metadata.block_table_tensor,
+                             block_table=block_table,
                              sampling_metadata=sampling_metadata, k=k, want_q=want_q)
             forward0 = getattr(arm, "forward_s", 0.0)
             try:

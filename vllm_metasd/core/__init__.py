@@ -11,7 +11,7 @@ from vllm_metasd.core.policies import (
     ParamError, UCBPolicy, make_policy, policy_params,
 )
 from vllm_metasd.core.rewards import (
-    acceptance_reward, bd_reward, match_reward, row_ids, segment_mean, token_alignment,
+    acceptance_reward, bd_reward, match_reward, segment_mean, token_alignment,
 )
 from vllm_metasd.core.state import DrafterStats, RequestState, RequestStateStore
 
@@ -21,5 +21,5 @@ __all__ = [
     "FixedArmPolicy", "GlobalPrior", "ParamError", "Policy", "RequestState",
     "RequestStateStore", "SlidingWindowUCBPolicy", "StepController", "UCBPolicy",
     "acceptance_reward", "bd_reward", "match_reward", "group_rows_by_arm", "make_policy",
-    "plan_catch_up", "policy_params", "row_ids", "segment_mean", "token_alignment",
+    "plan_catch_up", "policy_params", "segment_mean", "token_alignment",
 ]

@@ -59,6 +59,9 @@ class StepController:
         self.num_arms = n
         self.k, self.objective, self.beta = k, objective, beta
         self.free_arms = np.array(free_arms if free_arms is not None else [False] * n)
+        # The throughput objective's UCB weight per arm (none for free arms)
+        self._bonus = np.where(self.free_arms, 0.0, k * np.sqrt(beta))
+        self._arm_ids = np.arange(n)
         self.target_cost = LinearCost()  # seconds of a target step per token verified
         self.arm_cost = [LinearCost() for _ in range(n)]  # seconds of a group per row
         self.failures = [0] * n  # consecutive, per arm
@@ -152,21 +155,19 @@ class StepController:
         n_arms, k = self.num_arms, self.k
         gain = np.array([s.gain_sum for s in states]).reshape(len(states), n_arms)
         count = np.array([s.gain_count for s in states]).reshape(len(states), n_arms)
-        total = count.sum(1, keepdims=True) + 1.0
         # Optimistic tokens per step beyond the target's own (UCB on the
         # tokens' scale); an arm never observed for the row: all k. A free arm
         # is observed every step whoever drafts (full information): nothing
         # to explore, its mean is its value.
-        bonus = np.where(self.free_arms, 0.0, k * np.sqrt(self.beta))
-        seen = np.where(count > 0, count, 1.0)
-        extra = np.where(count > 0, gain / seen + bonus * np.sqrt(np.log(total) / seen), k)
-        tokens = 1.0 + np.clip(extra, 0.0, k)
+        seen = np.maximum(count, 1.0)
+        log_t = np.log(count.sum(1, keepdims=True) + 1.0)
+        extra = np.where(count > 0, gain / seen + self._bonus * np.sqrt(log_t / seen), k)
         # Which draft LM is the row's own bandit's (alignment) choice; the step
         # then decides by speed whether the row drafts with it, joins an open
         # group, takes a free arm, or drafts nothing.
         pick = np.array([self.store.policy.select(s.bandit) for s in states])
-        own = np.arange(n_arms)[None, :] == pick[:, None]
-        tokens[~own & ~self.free_arms[None, :]] = 0.0
+        allowed = self.free_arms[None, :] | (self._arm_ids[None, :] == pick[:, None])
+        tokens = np.where(allowed, 1.0 + np.clip(extra, 0.0, k), 0.0)
         if self.disabled:
             tokens[:, sorted(self.disabled)] = 0.0
         costs = self.costs()
@@ -174,8 +175,8 @@ class StepController:
         # the row: about a drafted row's time over its k sequential passes.
         computed = np.array([[s.computed.get(a, 0) for a in range(n_arms)] for s in states],
                             dtype=np.float64).reshape(len(states), n_arms)
-        behind = seq_lens[:, None] - computed > k + 1
-        catch_up = np.where(behind & ~self.free_arms, costs.arm_per_row / k, 0.0)
+        behind = (seq_lens[:, None] - computed > k + 1) & ~self.free_arms
+        catch_up = np.where(behind, costs.arm_per_row / k, 0.0)
         choice = choose_by_throughput(tokens, catch_up, costs, k)
         for state, arm in zip(states, choice.tolist()):
             if arm >= 0:

@@ -101,23 +101,24 @@ class LinearCost:
 
     def __init__(self, decay: float = 0.995):
         self.decay = decay
-        self.s = np.zeros(5)  # weight, x, y, x^2, x*y
+        self.s = (0.0, 0.0, 0.0, 0.0, 0.0)  # weight, x, y, x^2, x*y (plain floats: per step)
         self._fit = (0.0, 0.0)
 
     def add(self, x: float, y: float) -> None:
-        self.s *= self.decay
-        self.s += (1.0, x, y, x * x, x * y)
+        d = self.decay
+        w, sx, sy, sxx, sxy = self.s
+        self.s = (d * w + 1.0, d * sx + x, d * sy + y, d * sxx + x * x, d * sxy + x * y)
         self._fit = self._solve()
 
     @property
     def seen(self) -> bool:
-        return self.s[0] > 0
+        return self.s[0] > 0.0
 
     def fit(self) -> tuple[float, float]:
         return self._fit
 
     def _solve(self) -> tuple[float, float]:
-        w, x, y, xx, xy = self.s.tolist()
+        w, x, y, xx, xy = self.s
         mx, my = x / w, y / w
         var = xx / w - mx * mx
         slope = max((xy / w - mx * my) / var, 0.0) if var > 1e-9 * max(mx * mx, 1.0) else 0.0

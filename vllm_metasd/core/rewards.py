@@ -19,20 +19,11 @@ from __future__ import annotations
 import torch
 
 
-def row_ids(cu_num_draft_tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Row index of every flat draft position, [num_tokens]."""
-    cu = cu_num_draft_tokens.long()
-    counts = torch.diff(cu, prepend=cu.new_zeros(1))
-    rows = torch.arange(len(counts), device=counts.device)
-    return torch.repeat_interleave(rows, counts, output_size=num_tokens)
-
-
 def segment_mean(values: torch.Tensor, cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
     """Per-row mean of per-position values [T], accumulated in float32; NaN for empty rows."""
-    cu = cu_num_draft_tokens.long()
-    counts = torch.diff(cu, prepend=cu.new_zeros(1)).float()
-    sums = torch.zeros(len(cu), dtype=torch.float32, device=values.device)
-    sums.index_add_(0, row_ids(cu, values.shape[0]).to(values.device), values.float())
+    cu = cu_num_draft_tokens.to(device=values.device, dtype=torch.long)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    sums = torch.segment_reduce(values.float(), "sum", lengths=counts, unsafe=True)
     return sums / counts  # 0 / 0 = NaN marks rows with nothing drafted
 
 
