@@ -5,19 +5,20 @@ One engine step, top to bottom:
 1. ``on_schedule``: finished, preempted, resumed requests -> the controller's ledgers;
 2. ``observe`` (the model-runner patch, right after rejection sampling): each
    request's alignment reward -> its bandit (``core.controller``);
-3. ``start_step`` (the model-runner patch, before vLLM prepares any drafter
-   input): the n-gram arm's would-be drafts of the last step are scored on
-   this step's tokens; under the throughput objective the speculation gate
-   (``core.gate``) decides from measured tokens/s whether this step
-   speculates at all (if not: no drafts, and neither vLLM's drafter
-   preparation nor anything below runs);
-4. ``propose``: this step's new tokens join the runner's token buffer; a new
-   request's arms are scored on its prompt (``evidence``, ``prompt_probe``); each
-   request's bandit picks an arm (``controller.choose``); rows are grouped by
-   arm, and each chosen arm drafts for its group (``arms``: a draft LM first
-   catches up on the tokens it missed, then drafts k; n-gram looks up the
-   history); drafts are checked (``faults.check_draft``) and go back to vLLM,
-   which verifies the mixed batch in one target forward.
+3. ``start_step`` (the model-runner patch, where vLLM would prepare its
+   drafter's inputs): the n-gram arm's would-be drafts of the last step are
+   scored on this step's tokens; under the throughput objective the
+   speculation gate (``core.gate``) decides from measured tokens/s whether
+   this step speculates at all (if not: no drafts, nothing below runs);
+4. ``draft`` (called by the patch instead of vLLM's input preparation for a
+   single drafter, which no arm reads): this step's new tokens join the
+   runner's token buffer; a new request's arms are scored on its prompt
+   (``evidence``, ``prompt_probe``); each request's bandit picks an arm
+   (``controller.choose``); rows are grouped by arm, and each chosen arm
+   drafts for its group (``arms``: a draft LM first catches up on the tokens
+   it missed, then drafts k; n-gram looks up the history); drafts are checked
+   (``faults.check_draft``) and go back to vLLM, which verifies the mixed
+   batch in one target forward.
 
 An arm no row chose does no work this step.
 """
@@ -196,8 +197,7 @@ class MetaSDProposer(DraftModelProposer):
         """Whether this step speculates: called by the model-runner patch with
         the tokens the target's forward processed, what it sampled ([n, k+1],
         -1 past the accepted ones) and vLLM's mask of rows whose sample is
-        discarded (a partial prefill), before vLLM prepares the drafters'
-        inputs, which a plain step skips."""
+        discarded (a partial prefill)."""
         t = start = time.perf_counter()
         if (self._step_end is not None and self._continuing
                 and t - self._step_end < IDLE_GAP_S):
@@ -230,7 +230,7 @@ class MetaSDProposer(DraftModelProposer):
                 common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
                 num_rejected_tokens_gpu=None, slot_mappings=None):
         """vLLM's drafter interface, reached under async scheduling only (vLLM
-        prepared the target's inputs for a drafter; the arms read none of them)."""
+        prepared its inputs for a single drafter; the arms read none of them)."""
         if not self._speculating:
             return self.plain_step()
         return self.draft(num_speculative_tokens, common_attn_metadata.block_table_tensor,
