@@ -57,11 +57,10 @@ class StepController:
         self.store = store
         n = store.policy.num_arms
         self.num_arms = n
-        self.k, self.objective, self.beta = k, objective, beta
+        self.k, self.objective = k, objective
         self.free_arms = np.array(free_arms if free_arms is not None else [False] * n)
         # The throughput objective's UCB weight per arm (none for free arms)
         self._bonus = np.where(self.free_arms, 0.0, k * np.sqrt(beta))
-        self._arm_ids = np.arange(n)
         self.target_cost = LinearCost()  # seconds of a target step per token verified
         self.arm_cost = [LinearCost() for _ in range(n)]  # seconds of a group per row
         self.failures = [0] * n  # consecutive, per arm
@@ -166,7 +165,7 @@ class StepController:
         # then decides by speed whether the row drafts with it, joins an open
         # group, takes a free arm, or drafts nothing.
         pick = np.array([self.store.policy.select(s.bandit) for s in states])
-        allowed = self.free_arms[None, :] | (self._arm_ids[None, :] == pick[:, None])
+        allowed = self.free_arms[None, :] | (np.arange(n_arms)[None, :] == pick[:, None])
         tokens = np.where(allowed, 1.0 + np.clip(extra, 0.0, k), 0.0)
         if self.disabled:
             tokens[:, sorted(self.disabled)] = 0.0
