@@ -44,7 +44,7 @@ def test_failures_disable_an_arm_after_the_limit_and_its_kv_is_forgotten():
         c.failed(2, rows(0), "bad", RuntimeError("x"))
         state = c.store.get("a")
         assert 2 not in state.computed and state.last_arm is None
-        assert (2 in c.disabled) == (i == MAX_ARM_FAILURES - 1)
+        assert c.disabled[2] == (i == MAX_ARM_FAILURES - 1)
     assert c.total_failures[2] == MAX_ARM_FAILURES
     # A disabled arm earns 0 and the policy chooses again; "fixed" keeps
     # choosing it, so the row gets no speculation.
@@ -57,12 +57,12 @@ def test_a_success_resets_the_consecutive_failure_count():
     c.failed(0, rows(0), "x", RuntimeError("x"))
     c.failed(0, rows(0), "x", RuntimeError("x"))
     c.drafted(0, rows(0), np.array([2]))
-    assert c.failures[0] == 0 and 0 not in c.disabled
+    assert c.failures[0] == 0 and not c.disabled[0]
 
 
 def test_disabled_arm_makes_ucb_choose_another():
     c = controller("ucb", arms=2, beta=1.0)
-    c.disabled.add(0)
+    c.disabled[0] = True
     for _ in range(5):
         assert c.choose(["a"], np.array([True])).tolist() == [1]
 

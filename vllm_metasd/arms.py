@@ -73,17 +73,13 @@ class DraftLMArm(DraftModelProposer):
         self.forward_s = 0.0  # time in this arm's drafting forwards (telemetry)
         max_tokens = self.max_num_tokens
         max_reqs = vllm_config.scheduler_config.max_num_seqs
-
-        def buf(n, dtype):
-            return CpuGpuBuffer(n, dtype=dtype, device=device)
-
-        self._tok = buf(max_tokens, torch.int32)
-        self._pos = buf(max_tokens, torch.int64)
-        self._tok_row = buf(max_tokens, torch.int64)
-        self._qsl = buf(max_reqs + 1, torch.int32)
-        self._seq = buf(max_reqs, torch.int32)
-        self._next = buf(max_reqs, torch.int32)
-        self._rows = buf(max_reqs, torch.int64)
+        # A forward's inputs, packed so that each dtype crosses to the device
+        # in one copy (``catch_up_inputs`` has the layout).
+        self._i32 = CpuGpuBuffer(3 * max_reqs + 1 + max_tokens, dtype=torch.int32, device=device)
+        self._i64 = CpuGpuBuffer(max_reqs + 3 * max_tokens, dtype=torch.int64, device=device)
+        one = np.ones(1, dtype=np.int64)  # compile now, with the types of every later call
+        catch_up_inputs(one - 1, one - 1, one + 1, np.zeros((1, 2), dtype=np.int32), 1, 1,
+                        self._i32.np, self._i64.np)
 
     def _get_model(self) -> torch.nn.Module:
         from vllm.compilation.backends import set_model_tag
@@ -164,36 +160,29 @@ class DraftLMArm(DraftModelProposer):
         Tokens [start, end-1) are vLLM's "target" inputs; token end-1 is the newest,
         appended by the draft-model first pass."""
         n = len(rows)
-        q_lens = ends - 1 - starts
-        qsl = self._qsl.np
-        qsl[0] = 0
-        np.cumsum(q_lens, out=qsl[1:n + 1])
-        total = int(qsl[n])
-        tok_row = np.repeat(np.arange(n), q_lens)
-        pos = self._pos.np[:total]
-        np.subtract(np.arange(total), qsl[tok_row], out=pos)
-        pos += starts[tok_row]
-        self._tok_row.np[:total] = tok_row
-        self._tok.np[:total] = step.token_ids[rows[tok_row], pos]
-        self._next.np[:n] = step.token_ids[rows, ends - 1]
-        self._seq.np[:n] = ends - 1
-        self._rows.np[:n] = rows
-        tokens, positions = self._tok.copy_to_gpu(total), self._pos.copy_to_gpu(total)
-        tok_rows, rows_t = self._tok_row.copy_to_gpu(total), self._rows.copy_to_gpu(n)
-        seq_lens = self._seq.copy_to_gpu(n)
-        block_table = step.block_table[rows_t]
-        bs = self.block_size
-        slot_mapping = block_table[tok_rows, positions // bs].long() * bs + positions % bs
+        block_table = step.block_table
+        total, max_q, max_seq = catch_up_inputs(rows, starts, ends, step.token_ids,
+                                                block_table.shape[1], self.block_size,
+                                                self._i32.np, self._i64.np)
+        i32 = self._i32.copy_to_gpu(3 * n + 1 + total)
+        i64 = self._i64.copy_to_gpu(n + 3 * total)
+        qsl, seq_lens, next_ids, tokens = (i32[:n + 1], i32[n + 1:2 * n + 1],
+                                           i32[2 * n + 1:3 * n + 1], i32[3 * n + 1:])
+        rows_t, positions, flat, offset = (i64[:n], i64[n:n + total],
+                                           i64[n + total:n + 2 * total], i64[n + 2 * total:])
+        # Each token's KV slot: its block (the request's block table) and offset
+        slot_mapping = block_table.reshape(-1)[flat] * self.block_size + offset
+        cpu = self._i32.cpu
         cad = CommonAttentionMetadata(
-            query_start_loc=self._qsl.copy_to_gpu(n + 1),
-            query_start_loc_cpu=self._qsl.cpu[:n + 1],
+            query_start_loc=qsl,
+            query_start_loc_cpu=cpu[:n + 1],
             seq_lens=seq_lens,
-            seq_lens_cpu_upper_bound=self._seq.cpu[:n].clone(),  # vLLM bumps it in place
+            seq_lens_cpu_upper_bound=cpu[n + 1:2 * n + 1].clone(),  # vLLM bumps it in place
             num_reqs=n,
             num_actual_tokens=total,
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(ends.max()) - 1,
-            block_table_tensor=block_table,
+            max_query_len=max_q,
+            max_seq_len=max_seq,
+            block_table_tensor=block_table[rows_t],
             slot_mapping=slot_mapping,
             causal=True,
         )
@@ -204,7 +193,7 @@ class DraftLMArm(DraftModelProposer):
             target_token_ids=tokens,
             target_positions=positions,
             target_hidden_states=self.hidden_states[:total],
-            next_token_ids=self._next.copy_to_gpu(n),
+            next_token_ids=next_ids,
             token_indices_to_sample=None,
             common_attn_metadata=cad,
             sampling_metadata=_select_rows(step.sampling_metadata, rows_t),
@@ -216,6 +205,42 @@ class DraftLMArm(DraftModelProposer):
                      torch.stack([i for _, i in self._top], 1))
         self.forward_s += time.perf_counter() - t0
         return ids, q, q_top
+
+
+@njit(cache=True)
+def catch_up_inputs(rows, starts, ends, token_ids, blocks_per_row, block_size, i32, i64):
+    """A draft LM's forward over tokens [starts[i], ends[i] - 1) of each row
+    ``rows[i]``, then its newest token ends[i] - 1, written into two packed
+    buffers (one pass, no temporaries):
+
+    - i32: query start locations [n + 1] | sequence lengths [n] | newest
+      tokens [n] | the tokens [total]
+    - i64: rows [n] | positions [total] | index of each token's block in the
+      flattened block table [total] | offset in that block [total]
+
+    Returns (total tokens, longest query, longest sequence)."""
+    n = rows.shape[0]
+    total = 0
+    for i in range(n):
+        total += ends[i] - 1 - starts[i]
+    tok, pos, flat, off = 3 * n + 1, n, n + total, n + 2 * total
+    t = max_q = max_seq = 0
+    i32[0] = 0
+    for i in range(n):
+        r, s, e = rows[i], starts[i], ends[i] - 1
+        for p in range(s, e):
+            i32[tok + t] = token_ids[r, p]
+            i64[pos + t] = p
+            i64[flat + t] = r * blocks_per_row + p // block_size
+            i64[off + t] = p % block_size
+            t += 1
+        i32[1 + i] = t
+        i32[n + 1 + i] = e
+        i32[2 * n + 1 + i] = token_ids[r, e]
+        i64[i] = r
+        max_q = max(max_q, e - s)
+        max_seq = max(max_seq, e)
+    return total, max_q, max_seq
 
 
 @njit

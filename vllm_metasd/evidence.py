@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from vllm_metasd.core.controller import StepController
 from vllm_metasd.core.draft import DraftStep
@@ -24,7 +25,7 @@ def probe_new_requests(arms: list, names: list[str], controller: StepController,
                        step: DraftStep) -> None:
     """``step.rows``: this step's new requests (``controller.begin``)."""
     for a, arm in enumerate(arms):
-        if a in controller.disabled:
+        if controller.disabled[a]:
             continue
         try:
             computed, agreement = arm.probe(step, PROBE_WINDOW)
@@ -39,6 +40,8 @@ class WouldBeDrafts:
     the next step's verified tokens score them."""
 
     def __init__(self):
+        one = np.ones((1, 1), dtype=np.int32)  # compile now, with the engine's types
+        matched_prefix(one, one[0], np.zeros(1, dtype=np.int64), one, np.ones(1, dtype=np.int64))
         self._pending = []  # per free arm: (arm, batch rows, draft ids, draft lengths)
         self._req_ids: list[str] = []  # the batch's requests, by row, when they were made
 
@@ -72,10 +75,25 @@ class WouldBeDrafts:
                 now = np.array([row_of.get(r, -1) for r in who], dtype=np.int64)
                 kept = np.flatnonzero(now >= 0)
                 who, rows, ids, lengths = [who[i] for i in kept], now[kept], ids[kept], lengths[kept]
-            width = min(ids.shape[1], new_tokens.shape[1])
-            scored = np.minimum(lengths, valid[rows])  # drafted and verified positions
-            hit = ((ids[:, :width] == new_tokens[rows, :width])
-                   & (np.arange(width) < scored[:, None]))
-            matched = np.cumprod(hit, axis=1).sum(1)
-            reward = np.where(lengths > 0, matched / np.maximum(lengths, 1), 0.0)
+            reward, matched = matched_prefix(ids, lengths, rows, new_tokens, valid)
             controller.full_information(a, who, reward.tolist(), matched.tolist())
+
+
+@njit(cache=True)
+def matched_prefix(ids, lengths, rows, new_tokens, valid):
+    """Per draft i (ids[i, :lengths[i]], made for batch row rows[i]): how many
+    of its leading tokens the verified ones (new_tokens[row, :valid[row]])
+    repeat, and that over its length (an empty draft scores 0)."""
+    n = ids.shape[0]
+    matched = np.zeros(n, dtype=np.int64)
+    reward = np.zeros(n)
+    for i in range(n):
+        r = rows[i]
+        m = 0
+        while (m < lengths[i] and m < valid[r] and m < new_tokens.shape[1]
+               and ids[i, m] == new_tokens[r, m]):
+            m += 1
+        matched[i] = m
+        if lengths[i] > 0:
+            reward[i] = m / lengths[i]
+    return reward, matched

@@ -69,7 +69,7 @@ def check_draft(draft: Draft, n: int, k: int, vocab: int,
                else np.asarray(draft.lengths, dtype=np.int64))
     if lengths.shape != (n,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > width:
         raise DraftError(f"draft lengths {lengths!r:.80} do not fit drafts of width {width}")
-    used = ids[np.arange(width) < lengths[:, None]]
+    used = ids if draft.lengths is None else ids[np.arange(width) < lengths[:, None]]
     if used.size and (used.min() < 0 or used.max() >= vocab):
         raise DraftError(f"draft ids in [{used.min()}, {used.max()}], outside the "
                          f"vocabulary [0, {vocab})")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_metasd.arms import DraftLMArm, build_arms
@@ -52,6 +53,21 @@ logger = logging.getLogger("vllm.metasd")
 TOP_Q = 64
 # Longer between two proposals: the engine was idle, not stepping; no timing sample.
 IDLE_GAP_S = 2.0
+
+
+@njit(cache=True)
+def verified_counts(sampled, discard, vocab_size):
+    """vLLM's count of valid sampled tokens per row [n, k+1] (as in its
+    ``prepare_next_token_ids_padded``): ids in [0, vocab); 0 for a row whose
+    sample is discarded (a partial prefill)."""
+    n = sampled.shape[0]
+    valid = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        if discard[i]:
+            continue
+        for j in range(sampled.shape[1]):
+            valid[i] += 0 <= sampled[i, j] < vocab_size
+    return valid
 
 
 class MetaSDProposer(DraftModelProposer):
@@ -99,6 +115,7 @@ class MetaSDProposer(DraftModelProposer):
         self._continuing = False
         self.plain_steps = 0  # steps the gate ran without speculation
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
+        verified_counts(np.zeros((1, 1), dtype=np.int32), np.zeros(1, dtype=bool), 1)  # compile
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
                     self.arm_names, self.k, self.config.policy.name, self.config.reward)
@@ -206,9 +223,7 @@ class MetaSDProposer(DraftModelProposer):
         batch = self.runner.input_batch
         n = batch.num_reqs
         sampled = sampled_token_ids[:n].cpu().numpy()
-        # vLLM's count of valid sampled tokens (prepare_next_token_ids_padded)
-        valid = np.where(discard[:n], 0,
-                         ((sampled >= 0) & (sampled < self.vocab_size)).sum(1)).astype(np.int64)
+        valid = verified_counts(sampled, discard, self.vocab_size)
         self._step = (start, n, sampled, valid)
         self._would.score(self.controller, batch.req_ids[:n], sampled, valid)
         self._speculating = self._speculate(n, start, valid)
@@ -265,13 +280,16 @@ class MetaSDProposer(DraftModelProposer):
         # batches the BD reward reads q at each drafter's top tokens only.
         want_q = self._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy
         want_top = self.top_q > 0 and not want_q
-        ids = np.zeros((n, k), dtype=np.int64)
-        lengths = np.zeros(n, dtype=np.int64)
         q = None
         top = (torch.zeros(n, k, TOP_Q, device=self.device),
                torch.zeros(n, k, TOP_Q, dtype=torch.long, device=self.device)) if want_top else None
         groups = group_rows_by_arm(arms, len(self.arms))
-        chosen = np.unique(arms[arms >= 0]).tolist()  # chosen arms only
+        chosen = [a for a, rows in enumerate(groups) if len(rows)]  # chosen arms only
+        whole = len(chosen) == 1 and len(groups[chosen[0]]) == n  # one group drafts every row
+        ids = lengths = None  # whole: that group's own, unless it failed
+        if not whole:
+            ids = np.zeros((n, k), dtype=np.int64)
+            lengths = np.zeros(n, dtype=np.int64)
         all_steady = not probing  # drafter passes over whole prompts: a catch-up
         for a in chosen:
             rows, arm = groups[a], self.arms[a]
@@ -295,11 +313,14 @@ class MetaSDProposer(DraftModelProposer):
             self.controller.drafted(a, rows, row_lens)
             if draft.computed is not None:
                 self.controller.mark_caught_up(a, rows, draft.computed)
-            ids[rows, :row_ids.shape[1]] = row_ids
-            lengths[rows] = row_lens
+            if whole:
+                ids, lengths = row_ids, row_lens
+            else:
+                ids[rows, :row_ids.shape[1]] = row_ids
+                lengths[rows] = row_lens
             if want_q:
-                if len(chosen) == 1 and len(rows) == n and draft.q is not None:
-                    q = draft.q  # one group drafts every row: vLLM reads the arm's q as is
+                if whole and draft.q is not None:
+                    q = draft.q  # vLLM reads the arm's q as is
                 else:
                     q = self._q_buffer(n, k) if q is None else q
                     self._fill_q(q, rows, row_ids, row_lens, draft.q)
@@ -311,7 +332,8 @@ class MetaSDProposer(DraftModelProposer):
             self._would.make(self.arms, arms, active, req_ids, seq_lens, batch.token_ids_cpu, k)
         self._last_draft_probs = q
         self._top = None if top is None else (list(req_ids), top)
-        drafts = [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())]
+        drafts = ([[] for _ in range(n)] if ids is None
+                  else [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())])
         tel.add("assemble", t)
         return self._end_step(drafts, speculated=True, start=start, steady=all_steady)
 
@@ -457,7 +479,7 @@ class MetaSDProposer(DraftModelProposer):
                 "gate": None if self.gate is None else self.gate.snapshot(),
                 "cost_model": c.cost_snapshot() if c.objective == "throughput" else None,
                 "arm_failures": dict(zip(self.arm_names, c.total_failures)),
-                "disabled_arms": [self.arm_names[a] for a in sorted(c.disabled)]}
+                "disabled_arms": [self.arm_names[a] for a in np.flatnonzero(c.disabled)]}
 
     def stats(self) -> dict[str, Any]:
         return self.telemetry.snapshot(self._snapshot())

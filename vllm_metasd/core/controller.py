@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from vllm_metasd.core.objective import (
-    LinearCost, StepCosts, choose_by_throughput, expected_tokens,
+    LinearCost, StepCosts, choose_by_throughput, expected_tokens, row_options,
 )
 from vllm_metasd.core.state import RequestState, RequestStateStore
 
@@ -58,20 +58,26 @@ class StepController:
         n = store.policy.num_arms
         self.num_arms = n
         self.k, self.objective = k, objective
-        self.free_arms = np.array(free_arms if free_arms is not None else [False] * n)
+        self.free_arms = np.array(free_arms if free_arms is not None else [False] * n, dtype=bool)
         # The throughput objective's UCB weight per arm (none for free arms)
         self._bonus = np.where(self.free_arms, 0.0, k * np.sqrt(beta))
         self.target_cost = LinearCost()  # seconds of a target step per token verified
         self.arm_cost = [LinearCost() for _ in range(n)]  # seconds of a group per row
+        self._arm_fits = np.zeros((n, 2))  # each arm_cost's (fixed, per row), as measured
+        self._measured = np.zeros(n, dtype=bool)
         self.failures = [0] * n  # consecutive, per arm
         self.total_failures = [0] * n
-        self.disabled: set[int] = set()  # for the engine's lifetime
+        self.disabled = np.zeros(n, dtype=bool)  # per arm, for the engine's lifetime
         self.preempted = 0
         # Drafted tokens verified for no arm: vLLM's -1 placeholders (a request
         # resumed after preemption, or new with one uncached token).
         self.placeholder_drafts = 0
         self._rows: list[RequestState | None] = []  # this step's ledgers, by batch row
         self._begun = False
+        if objective == "throughput":  # compile its kernels now, not during a step
+            zeros = np.zeros((1, n))
+            self._choose_rows(zeros, zeros, zeros, np.zeros(1, dtype=np.int64),
+                              np.zeros(1, dtype=np.int64))
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -130,12 +136,13 @@ class StepController:
     def costs(self) -> StepCosts:
         """The online cost model; an arm not yet measured is priced like the
         measured arms of its kind (or free)."""
-        fits = np.array([c.fit() if c.seen else (np.nan, np.nan) for c in self.arm_cost])
-        unseen = np.isnan(fits[:, 0])
-        for kind in (True, False) if unseen.any() else ():
-            mask = self.free_arms == kind
-            seen = mask & ~unseen
-            fits[mask & unseen] = fits[seen].mean(0) if seen.any() else (0.0, 0.0)
+        fits, measured = self._arm_fits, self._measured
+        if not measured.all():
+            fits = fits.copy()
+            for kind in (True, False):
+                mask = self.free_arms == kind
+                seen = mask & measured
+                fits[mask & ~measured] = fits[seen].mean(0) if seen.any() else 0.0
         t0, t1 = self.target_cost.fit()
         return StepCosts(t0, t1, fits[:, 0], fits[:, 1])
 
@@ -151,32 +158,17 @@ class StepController:
                          for name, f, r in zip(self.store.arm_names, c.arm_fixed, c.arm_per_row)}}
 
     def _choose_throughput(self, states: list[RequestState], seq_lens: np.ndarray) -> np.ndarray:
-        n_arms, k = self.num_arms, self.k
-        gain = np.array([s.gain_sum for s in states]).reshape(len(states), n_arms)
-        count = np.array([s.gain_count for s in states]).reshape(len(states), n_arms)
-        # Optimistic tokens per step beyond the target's own (UCB on the
-        # tokens' scale); an arm never observed for the row: all k. A free arm
-        # is observed every step whoever drafts (full information): nothing
-        # to explore, its mean is its value.
-        seen = np.maximum(count, 1.0)
-        log_t = np.log(count.sum(1, keepdims=True) + 1.0)
-        extra = np.where(count > 0, gain / seen + self._bonus * np.sqrt(log_t / seen), k)
+        b, n_arms = len(states), self.num_arms
+        gain = np.array([s.gain_sum for s in states]).reshape(b, n_arms)
+        count = np.array([s.gain_count for s in states]).reshape(b, n_arms)
+        computed = np.array([[s.computed.get(a, 0) for a in range(n_arms)] for s in states],
+                            dtype=np.float64).reshape(b, n_arms)
         # Which draft LM is the row's own bandit's (alignment) choice; the step
         # then decides by speed whether the row drafts with it, joins an open
         # group, takes a free arm, or drafts nothing.
-        pick = np.array([self.store.policy.select(s.bandit) for s in states])
-        allowed = self.free_arms[None, :] | (np.arange(n_arms)[None, :] == pick[:, None])
-        tokens = np.where(allowed, 1.0 + np.clip(extra, 0.0, k), 0.0)
-        if self.disabled:
-            tokens[:, sorted(self.disabled)] = 0.0
-        costs = self.costs()
-        # Catching up on missed tokens is one more (parallel) drafter pass for
-        # the row: about a drafted row's time over its k sequential passes.
-        computed = np.array([[s.computed.get(a, 0) for a in range(n_arms)] for s in states],
-                            dtype=np.float64).reshape(len(states), n_arms)
-        behind = (seq_lens[:, None] - computed > k + 1) & ~self.free_arms
-        catch_up = np.where(behind, costs.arm_per_row / k, 0.0)
-        choice = choose_by_throughput(tokens, catch_up, costs, k)
+        select = self.store.policy.select
+        pick = np.array([select(s.bandit) for s in states], dtype=np.int64)
+        choice = self._choose_rows(gain, count, computed, seq_lens.astype(np.int64), pick)
         for state, arm in zip(states, choice.tolist()):
             if arm >= 0:
                 self.store.assign(state, arm)
@@ -184,12 +176,21 @@ class StepController:
                 state.last_arm = None
         return choice
 
+    def _choose_rows(self, gain, count, computed, seq_lens, pick) -> np.ndarray:
+        costs = self.costs()
+        tokens, catch_up = row_options(gain, count, computed, seq_lens, pick, self.free_arms,
+                                       self._bonus, self.disabled, self.k, costs.arm_per_row)
+        return choose_by_throughput(tokens, catch_up, costs, self.k)
+
     def observe_step_time(self, tokens: int, seconds: float) -> None:
         """The target's step (verification of ``tokens``) took ``seconds``."""
         self.target_cost.add(tokens, seconds)
 
     def observe_group_time(self, arm: int, rows: int, seconds: float) -> None:
-        self.arm_cost[arm].add(rows, seconds)
+        cost = self.arm_cost[arm]
+        cost.add(rows, seconds)
+        self._arm_fits[arm] = cost.fit()
+        self._measured[arm] = True
 
     def full_information(self, arm: int, req_ids: Sequence[str], rewards: Sequence[float],
                          accepted: Sequence[int]) -> None:
@@ -232,7 +233,7 @@ class StepController:
     def _choose_one(self, state: RequestState) -> int:
         for _ in range(self.num_arms):
             arm = self.store.choose(state)
-            if arm not in self.disabled:
+            if not self.disabled[arm]:
                 return arm
             self.store.record(state, arm, 0, 0, 0.0)
         state.last_arm = None
@@ -264,7 +265,7 @@ class StepController:
             state.computed.pop(arm, None)
             self._settle_zero(state, arm)
         if self.failures[arm] >= MAX_ARM_FAILURES:
-            self.disabled.add(arm)
+            self.disabled[arm] = True
             logger.warning("MetaSD: drafter %r failed %d times in a row (last: %s: %s); "
                            "disabled for this engine's lifetime", name,
                            self.failures[arm], type(error).__name__, error)

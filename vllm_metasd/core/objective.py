@@ -14,9 +14,11 @@ E_r(o) - lam * (its own time), an arm group costs lam * arm_fixed[a] once, so
 opening a group pays only if its rows gain more than that together (a draft
 LM's forward costs nearly the same for one row as for all: joining an open
 group is cheap, opening one is not). Groups are opened greedily while one
-pays; lam is then recomputed and the choice redone (a few rounds). All of it
-is [B, A] numpy: no per-row Python. A batch of one row needs none of it:
-its best option is the one with the highest step rate.
+pays; lam is then recomputed and the choice redone (a few rounds). It is
+compiled (numba): no per-row Python, and no chain of small numpy calls, which
+cost 10-50x their usual time between model forwards that leave the CPU
+caches cold. A batch of one row needs none of it: its best option is the one
+with the highest step rate.
 
 Expected tokens come from the controller (each request's observed tokens per
 step with each arm, optimistic by a UCB bonus); ``expected_tokens`` turns a
@@ -28,7 +30,31 @@ from __future__ import annotations
 
 import dataclasses
 
+import functools
+
 import numpy as np
+
+
+def njit(**options):
+    """numba's ``njit``, applied on the first call. Importing numba loads
+    llvmlite, and vLLM 0.32's CPU worker, which scans every loaded module for
+    kernels to rebind when it starts, fails on an llvmlite object; this
+    package is imported when the plugin loads, before the worker starts."""
+    def decorate(fn):
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args):
+            nonlocal compiled
+            if compiled is None:
+                from numba import njit as numba_njit
+
+                compiled = numba_njit(**options)(fn)
+            return compiled(*args)
+
+        return call
+
+    return decorate
 
 
 def expected_tokens(alpha: np.ndarray, k: int) -> np.ndarray:
@@ -54,44 +80,112 @@ def choose_by_throughput(tokens: np.ndarray, catch_up_s: np.ndarray, costs: Step
     ``tokens`` [B, A]: expected tokens of row r with arm a (>= 1);
     ``catch_up_s`` [B, A]: seconds arm a needs to catch up on row r first.
     """
-    b, a = tokens.shape
-    if b == 0 or a == 0:
-        return np.full(b, -1, dtype=np.int64)
     per_row_s = (costs.target_per_token * k + costs.arm_per_row)[None, :] + catch_up_s
-    if b == 1:  # one row: each option's own step rate, the best of them (exact)
-        plain_s = costs.target_fixed + costs.target_per_token
-        rate = tokens[0] / (plain_s + per_row_s[0] + costs.arm_fixed)
-        best = int(rate.argmax())
-        return np.array([best if rate[best] * plain_s > 1.0 else -1], dtype=np.int64)
+    return _choose(np.asarray(tokens, dtype=np.float64), per_row_s, float(costs.target_fixed),
+                   float(costs.target_per_token), np.asarray(costs.arm_fixed, dtype=np.float64),
+                   rounds)
+
+
+@njit(error_model="numpy", cache=True)  # x / 0 is inf or nan, as in numpy
+def _choose(tokens, per_row_s, target_fixed, target_per_token, arm_fixed, rounds):
+    """``choose_by_throughput`` in one compiled pass (it runs every step,
+    between model forwards that leave the CPU caches cold for numpy calls)."""
+    b, a = tokens.shape
     choice = np.full(b, -1, dtype=np.int64)
-    rows = np.arange(b)
-    lam = b / (costs.target_fixed + costs.target_per_token * b)  # plain decoding's rate
+    if b == 0 or a == 0:
+        return choice
+    if b == 1:  # one row: each option's own step rate, the best of them (exact)
+        plain_s = target_fixed + target_per_token
+        best, best_rate = -1, -np.inf
+        for j in range(a):
+            rate = tokens[0, j] / (plain_s + per_row_s[0, j] + arm_fixed[j])
+            if rate > best_rate:
+                best, best_rate = j, rate
+        if best_rate * plain_s > 1.0:
+            choice[0] = best
+        return choice
+    gain = np.empty((b, a))  # vs. no draft, per row and arm, at rate lam
+    best_gain = np.empty(b)  # each row's gain under the groups opened so far
+    opened = np.empty(a, dtype=np.bool_)
+    used = np.empty(a, dtype=np.bool_)
+    lam = b / (target_fixed + target_per_token * b)  # plain decoding's rate
     for _ in range(rounds):
-        gain = tokens - 1.0 - lam * per_row_s  # vs. no draft, per row and arm
-        fixed = lam * costs.arm_fixed
-        opened = np.zeros(a, dtype=bool)
-        best = np.zeros(b)  # each row's gain under the groups opened so far
-        while True:
-            extra = np.maximum(gain - best[:, None], 0.0).sum(0) - fixed
-            extra[opened] = -np.inf
-            arm = int(np.argmax(extra))
-            if extra[arm] <= 0:
+        for r in range(b):
+            for j in range(a):
+                gain[r, j] = tokens[r, j] - 1.0 - lam * per_row_s[r, j]
+        opened[:] = False
+        best_gain[:] = 0.0
+        while True:  # open the group that adds the most, while one pays
+            arm, top = -1, -np.inf
+            for j in range(a):
+                if opened[j]:
+                    continue
+                extra = -lam * arm_fixed[j]
+                for r in range(b):
+                    extra += max(gain[r, j] - best_gain[r], 0.0)
+                if extra > top:
+                    arm, top = j, extra
+            if arm < 0 or top <= 0.0:
                 break
             opened[arm] = True
-            best = np.maximum(best, gain[:, arm])
-        masked = np.where(opened[None, :], gain, -np.inf)
-        pick = masked.argmax(1)
-        choice = np.where(masked[rows, pick] > 0, pick, -1)
-        drafting = choice >= 0
-        e = np.where(drafting, tokens[rows, np.maximum(choice, 0)], 1.0).sum()
-        t = (costs.target_fixed + costs.target_per_token * b
-             + np.where(drafting, per_row_s[rows, np.maximum(choice, 0)], 0.0).sum()
-             + costs.arm_fixed[np.unique(choice[drafting])].sum())
+            for r in range(b):
+                best_gain[r] = max(best_gain[r], gain[r, arm])
+        # each row's best open group, if it gains; the step's new rate
+        e, t = 0.0, target_fixed + target_per_token * b
+        used[:] = False
+        for r in range(b):
+            pick, value = -1, -np.inf
+            for j in range(a):
+                if opened[j] and gain[r, j] > value:
+                    pick, value = j, gain[r, j]
+            if pick >= 0 and value > 0.0:
+                choice[r] = pick
+                e += tokens[r, pick]
+                t += per_row_s[r, pick]
+                used[pick] = True
+            else:
+                choice[r] = -1
+                e += 1.0
+        for j in range(a):
+            if used[j]:
+                t += arm_fixed[j]
         new = e / t
         if abs(new - lam) <= 1e-6 * lam:
             break
         lam = new
     return choice
+
+
+@njit(error_model="numpy", cache=True)
+def row_options(gain, count, computed, seq_lens, pick, free, bonus, disabled, k, arm_per_row):
+    """The throughput objective's view of each row ([B, A] each):
+
+    - tokens: optimistic tokens per step with each arm (UCB on the tokens'
+      scale: mean observed ``gain`` beyond the target's own token plus
+      ``bonus * sqrt(log(t) / n)``; an arm never observed for the row: all
+      k), for the arms the row may take: its own bandit's ``pick`` and the
+      free arms (0 for any other, and for disabled arms);
+    - catch-up seconds: an arm whose KV is more than a step behind
+      (``computed`` tokens of ``seq_lens``) first passes over the missed
+      tokens, about a drafted row's time over its k sequential passes.
+    """
+    b, a = gain.shape
+    tokens = np.zeros((b, a))
+    catch_up = np.zeros((b, a))
+    for r in range(b):
+        log_t = np.log(count[r].sum() + 1.0)
+        for j in range(a):
+            if not free[j] and seq_lens[r] - computed[r, j] > k + 1:
+                catch_up[r, j] = arm_per_row[j] / k
+            if disabled[j] or not (free[j] or j == pick[r]):
+                continue
+            n = count[r, j]
+            extra = k
+            if n > 0:
+                seen = max(n, 1.0)
+                extra = gain[r, j] / seen + bonus[j] * np.sqrt(log_t / seen)
+            tokens[r, j] = 1.0 + min(max(extra, 0.0), k)
+    return tokens, catch_up
 
 
 class LinearCost:
