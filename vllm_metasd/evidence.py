@@ -58,7 +58,7 @@ class WouldBeDrafts:
             d = arm.draft(DraftStep(rows=rows, starts=rows, seq_lens=seq_lens,
                                     token_ids=token_ids, block_table=None,
                                     sampling_metadata=None, k=k, want_q=False))
-            self._pending.append((a, rows, np.array(d.ids), np.array(d.lengths)))
+            self._pending.append((a, rows, d.ids, d.lengths))  # the arm's copies
 
     def score(self, controller: StepController, req_ids: list[str], new_tokens: np.ndarray,
               valid: np.ndarray) -> None:

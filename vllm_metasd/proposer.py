@@ -56,18 +56,25 @@ IDLE_GAP_S = 2.0
 
 
 @njit(cache=True)
-def verified_counts(sampled, discard, vocab_size):
-    """vLLM's count of valid sampled tokens per row [n, k+1] (as in its
-    ``prepare_next_token_ids_padded``): ids in [0, vocab); 0 for a row whose
-    sample is discarded (a partial prefill)."""
+def take_verified(sampled, discard, vocab_size, num_tokens, token_ids):
+    """This step's verified tokens ``sampled`` [n, k+1]: their count per row,
+    as vLLM's ``prepare_next_token_ids_padded`` counts them (ids in [0, vocab);
+    none for a row whose sample is discarded, a partial prefill), written into
+    the runner's token buffer right after each row's ``num_tokens`` known ones
+    (vLLM's bookkeeping writes the same values there later), so every arm
+    reads the whole history in place. Returns (count, tokens known) per row."""
     n = sampled.shape[0]
     valid = np.zeros(n, dtype=np.int64)
+    seq_lens = np.empty(n, dtype=np.int32)
     for i in range(n):
-        if discard[i]:
-            continue
-        for j in range(sampled.shape[1]):
-            valid[i] += 0 <= sampled[i, j] < vocab_size
-    return valid
+        if not discard[i]:
+            for j in range(sampled.shape[1]):
+                valid[i] += 0 <= sampled[i, j] < vocab_size
+        m = min(valid[i], token_ids.shape[1] - num_tokens[i])
+        for j in range(m):
+            token_ids[i, num_tokens[i] + j] = sampled[i, j]
+        seq_lens[i] = num_tokens[i] + valid[i]
+    return valid, seq_lens
 
 
 class MetaSDProposer(DraftModelProposer):
@@ -98,8 +105,9 @@ class MetaSDProposer(DraftModelProposer):
         self.controller = self._new_controller()
         self.gate = self._new_gate()
         self.telemetry = Telemetry(self.arm_names, self.config.log_stats_interval_s)
-        # This step (start_step): its start, rows, verified tokens [n, k+1] and
-        # their count per row (0: a partial prefill), and the gate's decision
+        # This step (start_step): its start, rows, tokens known per row (this
+        # step's verified ones included) and their count per row (0: a partial
+        # prefill); and the gate's decision
         self._step: tuple[float, int, np.ndarray, np.ndarray] | None = None
         self._speculating = True
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
@@ -115,7 +123,8 @@ class MetaSDProposer(DraftModelProposer):
         self._continuing = False
         self.plain_steps = 0  # steps the gate ran without speculation
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
-        verified_counts(np.zeros((1, 1), dtype=np.int32), np.zeros(1, dtype=bool), 1)  # compile
+        one = np.zeros((1, 1), dtype=np.int32)  # compile now, with the engine's types
+        take_verified(one, np.zeros(1, dtype=bool), 1, one[0], one)
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
                     self.arm_names, self.k, self.config.policy.name, self.config.reward)
@@ -223,8 +232,9 @@ class MetaSDProposer(DraftModelProposer):
         batch = self.runner.input_batch
         n = batch.num_reqs
         sampled = sampled_token_ids[:n].cpu().numpy()
-        valid = verified_counts(sampled, discard, self.vocab_size)
-        self._step = (start, n, sampled, valid)
+        valid, seq_lens = take_verified(sampled, discard, self.vocab_size,
+                                        batch.num_tokens_no_spec, batch.token_ids_cpu)
+        self._step = (start, n, seq_lens, valid)
         self._would.score(self.controller, batch.req_ids[:n], sampled, valid)
         self._speculating = self._speculate(n, start, valid)
         self.telemetry.add("inputs", t)
@@ -257,11 +267,10 @@ class MetaSDProposer(DraftModelProposer):
         the step's block table and sampling metadata."""
         tel = self.telemetry
         t = time.perf_counter()
-        start, n, new_tokens, valid = self._step
+        start, n, seq_lens, valid = self._step
         batch = self.runner.input_batch
         req_ids = batch.req_ids[:n]
-        seq_lens, active = self._append_new_tokens(batch, n, new_tokens, valid)
-        t = tel.add("inputs", t)
+        active = valid > 0  # rows with a new token
 
         new_rows = self.controller.begin(req_ids, active)
         probing = bool(len(new_rows)) and self.config.prompt_probe and self.reward_kind != "none"
@@ -360,16 +369,6 @@ class MetaSDProposer(DraftModelProposer):
         self._last_step = (len(drafts), speculated, start, steady)
         self._step_end = time.perf_counter()
         return drafts
-
-    def _append_new_tokens(self, batch, n: int, sampled: np.ndarray, valid: np.ndarray):
-        """Write this step's verified tokens into the runner's token buffer right
-        after each row's known tokens (vLLM's bookkeeping writes the same values
-        there later), so every arm reads the whole history in place.
-        Returns (tokens known per row, rows with a new token)."""
-        n_prev = batch.num_tokens_no_spec[:n]
-        rows, cols = np.nonzero(np.arange(sampled.shape[1]) < valid[:, None])
-        batch.token_ids_cpu[rows, n_prev[rows] + cols] = sampled[rows, cols]
-        return (n_prev + valid).astype(np.int32), valid > 0
 
     def _charge_draft(self, t: float, a: int, rows: int, forward0: float,
                       steady: bool) -> float:
