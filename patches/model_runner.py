@@ -37,10 +37,8 @@ from vllm_metasd.patches._util import wrap
 
 
 def _metasd_drafter(runner):
-    from vllm_metasd.proposer import MetaSDProposer
-
-    drafter = getattr(runner, "drafter", None)
-    return drafter if isinstance(drafter, MetaSDProposer) else None
+    """The runner's MetaSD proposer, or None (any other engine)."""
+    return getattr(runner, "_metasd_proposer", None)
 
 
 def _init(original):
@@ -50,7 +48,7 @@ def _init(original):
         if spec is not None and getattr(spec, "metasd", None) and hasattr(self, "drafter"):
             from vllm_metasd.proposer import MetaSDProposer
 
-            self.drafter = MetaSDProposer(vllm_config, device, self)
+            self.drafter = self._metasd_proposer = MetaSDProposer(vllm_config, device, self)
 
     return __init__
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from vllm.v1.worker.worker_base import WorkerBase
 
+from vllm_metasd.patches.model_runner import _metasd_drafter
+
 
 def _drafter(worker):
-    from vllm_metasd.proposer import MetaSDProposer
-
-    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
-    return drafter if isinstance(drafter, MetaSDProposer) else None
+    return _metasd_drafter(getattr(worker, "model_runner", None))
 
 
 def metasd_stats(self):
