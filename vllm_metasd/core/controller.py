@@ -63,8 +63,8 @@ class StepController:
         self._bonus = np.where(self.free_arms, 0.0, k * np.sqrt(beta))
         self.target_cost = LinearCost()  # seconds of a target step per token verified
         self.arm_cost = [LinearCost() for _ in range(n)]  # seconds of a group per row
-        self._arm_fits = np.zeros((n, 2))  # each arm_cost's (fixed, per row), as measured
-        self._measured = np.zeros(n, dtype=bool)
+        # each arm_cost's (fixed, per row) as last measured (nan: not yet)
+        self._arm_fits = np.full((n, 2), np.nan)
         self.failures = [0] * n  # consecutive, per arm
         self.total_failures = [0] * n
         self.disabled = np.zeros(n, dtype=bool)  # per arm, for the engine's lifetime
@@ -136,13 +136,14 @@ class StepController:
     def costs(self) -> StepCosts:
         """The online cost model; an arm not yet measured is priced like the
         measured arms of its kind (or free)."""
-        fits, measured = self._arm_fits, self._measured
-        if not measured.all():
+        fits = self._arm_fits
+        unseen = np.isnan(fits[:, 0])
+        if unseen.any():
             fits = fits.copy()
             for kind in (True, False):
                 mask = self.free_arms == kind
-                seen = mask & measured
-                fits[mask & ~measured] = fits[seen].mean(0) if seen.any() else 0.0
+                seen = mask & ~unseen
+                fits[mask & unseen] = fits[seen].mean(0) if seen.any() else 0.0
         t0, t1 = self.target_cost.fit()
         return StepCosts(t0, t1, fits[:, 0], fits[:, 1])
 
@@ -190,7 +191,6 @@ class StepController:
         cost = self.arm_cost[arm]
         cost.add(rows, seconds)
         self._arm_fits[arm] = cost.fit()
-        self._measured[arm] = True
 
     def full_information(self, arm: int, req_ids: Sequence[str], rewards: Sequence[float],
                          accepted: Sequence[int]) -> None:
