@@ -182,7 +182,8 @@ class DraftLMArm(DraftModelProposer):
             num_actual_tokens=total,
             max_query_len=max_q,
             max_seq_len=max_seq,
-            block_table_tensor=block_table[rows_t],
+            # rows ascend: the first n rows are the table's own first n (a view)
+            block_table_tensor=block_table[:n] if rows[-1] == n - 1 else block_table[rows_t],
             slot_mapping=slot_mapping,
             causal=True,
         )

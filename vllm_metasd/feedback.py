@@ -1,4 +1,4 @@
-"""Alignment feedback captured at verification (torch only, no vLLM import).
+"""Alignment feedback captured at verification (no vLLM import).
 
 The rejection-sampler patch calls :func:`observe_drafts` and
 :func:`observe_output` with exactly what vLLM's ``rejection_sample`` sees. When a MetaSD model runner has opened a
@@ -15,9 +15,12 @@ import threading
 import time
 from typing import Iterator
 
+import numpy as np
 import torch
 
-from vllm_metasd.core.rewards import acceptance_reward, bd_reward, match_reward
+from vllm_metasd.core.rewards import (
+    acceptance_reward, accepted_counts, bd_reward, match_reward,
+)
 
 _local = threading.local()
 
@@ -59,13 +62,12 @@ def observe_drafts(
     if record is None:
         return
     t0 = time.perf_counter()
-    record.num_drafted = torch.tensor(num_draft_tokens, dtype=torch.int64)
+    record.num_drafted = torch.from_numpy(np.array(num_draft_tokens, dtype=np.int64))
     if record.reward_kind == "bd":
         record.rewards = bd_reward(draft_token_ids, draft_probs, target_logits,
-                                   cu_num_draft_tokens, record.q_top).cpu()
+                                   cu_num_draft_tokens, record.q_top)
     elif record.reward_kind == "match":
-        record.rewards = match_reward(draft_token_ids, target_logits,
-                                      cu_num_draft_tokens).cpu()
+        record.rewards = match_reward(draft_token_ids, target_logits, cu_num_draft_tokens)
     record.seconds += time.perf_counter() - t0
 
 
@@ -75,9 +77,8 @@ def observe_output(output_token_ids: torch.Tensor) -> None:
     if record is None or record.num_drafted is None:
         return
     t0 = time.perf_counter()
-    # Emitted tokens minus the one bonus/recovered token.
-    accepted = ((output_token_ids != -1).sum(dim=1) - 1).clamp_(min=0).cpu()
-    record.num_accepted = torch.minimum(accepted, record.num_drafted)
+    record.num_accepted = torch.from_numpy(accepted_counts(output_token_ids.cpu().numpy(),
+                                                           record.num_drafted.numpy()))
     if record.reward_kind == "acceptance":
         record.rewards = acceptance_reward(record.num_accepted, record.num_drafted)
     elif record.reward_kind == "none":  # nothing to learn (policy "fixed"): counts only

@@ -40,6 +40,7 @@ from vllm_metasd.core import RequestStateStore, group_rows_by_arm
 from vllm_metasd.core.controller import StepController
 from vllm_metasd.core.draft import DraftStep
 from vllm_metasd.core.gate import SpeculationGate
+from vllm_metasd.core.rewards import compile_kernels
 from vllm_metasd.evidence import WouldBeDrafts, probe_new_requests
 from vllm_metasd.faults import FAULT_ENV, FaultyArm, check_draft, parse_fault_injection
 from vllm_metasd.feedback import Verification
@@ -62,10 +63,12 @@ def take_verified(sampled, discard, vocab_size, num_tokens, token_ids):
     none for a row whose sample is discarded, a partial prefill), written into
     the runner's token buffer right after each row's ``num_tokens`` known ones
     (vLLM's bookkeeping writes the same values there later), so every arm
-    reads the whole history in place. Returns (count, tokens known) per row."""
+    reads the whole history in place. Returns (count, tokens known) per row,
+    and the step's tokens and rows that got none (the gate's sample)."""
     n = sampled.shape[0]
     valid = np.zeros(n, dtype=np.int64)
     seq_lens = np.empty(n, dtype=np.int32)
+    total = empty = 0
     for i in range(n):
         if not discard[i]:
             for j in range(sampled.shape[1]):
@@ -74,7 +77,9 @@ def take_verified(sampled, discard, vocab_size, num_tokens, token_ids):
         for j in range(m):
             token_ids[i, num_tokens[i] + j] = sampled[i, j]
         seq_lens[i] = num_tokens[i] + valid[i]
-    return valid, seq_lens
+        total += valid[i]
+        empty += valid[i] == 0
+    return valid, seq_lens, total, empty
 
 
 class MetaSDProposer(DraftModelProposer):
@@ -125,6 +130,7 @@ class MetaSDProposer(DraftModelProposer):
         self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
         one = np.zeros((1, 1), dtype=np.int32)  # compile now, with the engine's types
         take_verified(one, np.zeros(1, dtype=bool), 1, one[0], one)
+        compile_kernels()  # the verification's (core.rewards)
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
                     self.arm_names, self.k, self.config.policy.name, self.config.reward)
@@ -232,11 +238,11 @@ class MetaSDProposer(DraftModelProposer):
         batch = self.runner.input_batch
         n = batch.num_reqs
         sampled = sampled_token_ids[:n].cpu().numpy()
-        valid, seq_lens = take_verified(sampled, discard, self.vocab_size,
-                                        batch.num_tokens_no_spec, batch.token_ids_cpu)
+        valid, seq_lens, tokens, empty = take_verified(
+            sampled, discard, self.vocab_size, batch.num_tokens_no_spec, batch.token_ids_cpu)
         self._step = (start, n, seq_lens, valid)
         self._would.score(self.controller, batch.req_ids[:n], sampled, valid)
-        self._speculating = self._speculate(n, start, valid)
+        self._speculating = self._speculate(n, start, tokens, empty == 0)
         self.telemetry.add("inputs", t)
         return self._speculating
 
@@ -346,7 +352,7 @@ class MetaSDProposer(DraftModelProposer):
         tel.add("assemble", t)
         return self._end_step(drafts, speculated=True, start=start, steady=all_steady)
 
-    def _speculate(self, n: int, start: float, valid: np.ndarray) -> bool:
+    def _speculate(self, n: int, start: float, tokens: int, every_row: bool) -> bool:
         """The gate's decision for this step, after it learnt from the last one:
         the wall time since the last step's start and the tokens it yielded,
         when no request joined (no prefill in that time; requests that
@@ -357,8 +363,8 @@ class MetaSDProposer(DraftModelProposer):
             return True
         if self._last_step is not None and not self._joined:
             rows, speculated, t0, steady = self._last_step
-            if steady and start - t0 < IDLE_GAP_S and bool((valid > 0).all()):
-                self.gate.observe(rows, speculated, int(valid.sum()), start - t0)
+            if steady and start - t0 < IDLE_GAP_S and every_row:
+                self.gate.observe(rows, speculated, tokens, start - t0)
         return self.gate.speculate(n)
 
     def _end_step(self, drafts: list[list[int]], speculated: bool, start: float,

@@ -39,21 +39,25 @@ choice already knows each request's own yield per arm.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
 
 
 class SpeculationGate:
+    """Per bucket, plain Python numbers: it runs on every step, right after the
+    model's forward has evicted the CPU caches, where each numpy call on a
+    tiny array costs microseconds (measured: 77 -> 10 us per step at batch 16)."""
+
     def __init__(self, explore_every: int = 32, min_samples: int = 4, decay: float = 0.98,
                  burst: int = 4, warmup: int = 32, min_batch: int = 4, max_buckets: int = 16):
         self.explore_every, self.min_samples, self.decay = explore_every, min_samples, decay
         self.burst, self.min_batch = burst, min_batch
         self.warmup_left = warmup  # speculative steps before the gate starts
-        # [bucket, mode (0: plain, 1: speculative)]: decayed tokens, seconds; samples
-        self.tokens = np.zeros((max_buckets, 2))
-        self.seconds = np.zeros((max_buckets, 2))
-        self.samples = np.zeros((max_buckets, 2), dtype=np.int64)
-        self.decisions = np.zeros(max_buckets, dtype=np.int64)
-        self.exploring = np.zeros(max_buckets, dtype=np.int64)  # burst steps left
+        # per bucket, per mode (0: plain, 1: speculative): decayed tokens, seconds; samples
+        self.tokens = [[0.0, 0.0] for _ in range(max_buckets)]
+        self.seconds = [[0.0, 0.0] for _ in range(max_buckets)]
+        self.samples = [[0, 0] for _ in range(max_buckets)]
+        self.decisions = [0] * max_buckets
+        self.exploring = [0] * max_buckets  # burst steps left
 
     def bucket(self, batch_size: int) -> int:
         return min(int(batch_size).bit_length() - 1, len(self.samples) - 1)
@@ -61,27 +65,26 @@ class SpeculationGate:
     def rate(self, batch_size: int) -> tuple[float, float]:
         """Measured tokens/s of (plain, speculative) steps at this batch size (nan: none)."""
         b = self.bucket(batch_size)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = self.tokens[b] / self.seconds[b]
-        return float(r[0]), float(r[1])
+        return tuple(t / s if s > 0 else math.nan  # type: ignore[return-value]
+                     for t, s in zip(self.tokens[b], self.seconds[b]))
 
     def speculate(self, batch_size: int) -> bool:
         if self.warmup_left > 0 or batch_size < self.min_batch:
             return True
         b = self.bucket(batch_size)
         self.decisions[b] += 1
-        plain, spec = self.samples[b] < self.min_samples
-        if spec:
+        n_plain, n_spec = self.samples[b]
+        if n_spec < self.min_samples:
             return True
-        if plain:
+        if n_plain < self.min_samples:
             return False
         r_plain, r_spec = self.rate(batch_size)
-        best = bool(r_spec >= r_plain)
+        best = r_spec >= r_plain
         lead = max(r_plain, r_spec) / max(min(r_plain, r_spec), 1e-9) - 1.0
         # speculative steps vary (1 to k+1 tokens), plain ones hardly: a lead over
         # speculation is trusted after 4 * min_samples of its steps
-        settled = self.samples[b, int(not best)] >= self.min_samples * (1 if best else 4)
-        every = self.explore_every * (int(np.clip(lead / 0.1, 1, 8)) if settled else 1)
+        settled = self.samples[b][int(not best)] >= self.min_samples * (1 if best else 4)
+        every = self.explore_every * (min(max(int(lead / 0.1), 1), 8) if settled else 1)
         if self.decisions[b] % every == 0:
             self.exploring[b] = self.burst
         if self.exploring[b] > 0:
@@ -93,13 +96,15 @@ class SpeculationGate:
         """Per batch size bucket seen ("16-31"): measured tokens/s and samples
         of plain and speculative steps."""
         out = {}
-        for b in np.flatnonzero(self.decisions).tolist():
+        for b, decided in enumerate(self.decisions):
+            if not decided:
+                continue
             lo = 1 << b
             r_plain, r_spec = self.rate(lo)
             out[f"{lo}-{2 * lo - 1}" if lo > 1 else "1"] = {
-                "plain_tokens_per_s": None if np.isnan(r_plain) else round(r_plain, 1),
-                "spec_tokens_per_s": None if np.isnan(r_spec) else round(r_spec, 1),
-                "plain_samples": int(self.samples[b, 0]), "spec_samples": int(self.samples[b, 1])}
+                "plain_tokens_per_s": None if math.isnan(r_plain) else round(r_plain, 1),
+                "spec_tokens_per_s": None if math.isnan(r_spec) else round(r_spec, 1),
+                "plain_samples": self.samples[b][0], "spec_samples": self.samples[b][1]}
         return out
 
     def observe(self, batch_size: int, speculated: bool, tokens: int, seconds: float) -> None:
@@ -111,9 +116,9 @@ class SpeculationGate:
         if batch_size < self.min_batch:
             return
         b, m = self.bucket(batch_size), int(speculated)
-        self.tokens[b, m] = self.decay * self.tokens[b, m] + tokens
-        self.seconds[b, m] = self.decay * self.seconds[b, m] + seconds
-        self.samples[b, m] += 1
+        self.tokens[b][m] = self.decay * self.tokens[b][m] + tokens
+        self.seconds[b][m] = self.decay * self.seconds[b][m] + seconds
+        self.samples[b][m] += 1
 
 
 __all__ = ["SpeculationGate"]

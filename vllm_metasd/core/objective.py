@@ -31,31 +31,10 @@ probe's agreement): with k drafted tokens a step yields
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 
-
-def njit(**options):
-    """numba's ``njit``, applied on the first call. Importing numba loads
-    llvmlite, and vLLM 0.32's CPU worker, which scans every loaded module for
-    kernels to rebind when it starts, fails on an llvmlite object; this
-    package is imported when the plugin loads, before the worker starts."""
-    def decorate(fn):
-        compiled = None
-
-        @functools.wraps(fn)
-        def call(*args):
-            nonlocal compiled
-            if compiled is None:
-                from numba import njit as numba_njit
-
-                compiled = numba_njit(**options)(fn)
-            return compiled(*args)
-
-        return call
-
-    return decorate
+from vllm_metasd.core.jit import njit
 
 
 def expected_tokens(alpha: np.ndarray, k: int) -> np.ndarray:

@@ -1,9 +1,10 @@
-"""Alignment rewards, batched on flattened draft tensors (torch only).
+"""Alignment rewards, batched on flattened draft tensors (torch; the per-row
+sums in one compiled pass on the host).
 
 vLLM flattens the drafts of a batch: row i owns flat positions
 ``cu[i-1] .. cu[i]-1`` where ``cu = cu_num_draft_tokens`` (cumulative draft
 counts; a row may have 0 drafts, or fewer than k: a partial draft). Every
-reward here is a float32 tensor [B] in [0, 1]; a row with nothing drafted gets
+reward here is a float32 host tensor [B] in [0, 1]; a row with nothing drafted gets
 NaN ("no reward this step"), which the state store skips.
 
 Partial drafts are normalised by what was drafted (n_i), not by k: the paper's
@@ -16,15 +17,57 @@ although its alignment on what it drafted is what the reward measures.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from vllm_metasd.core.jit import njit
 
 
 def segment_mean(values: torch.Tensor, cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
-    """Per-row mean of per-position values [T], accumulated in float32; NaN for empty rows."""
-    cu = cu_num_draft_tokens.to(device=values.device, dtype=torch.long)
-    counts = torch.diff(cu, prepend=cu.new_zeros(1))
-    sums = torch.segment_reduce(values.float(), "sum", lengths=counts, unsafe=True)
-    return sums / counts  # 0 / 0 = NaN marks rows with nothing drafted
+    """Per-row mean of per-position values [T] (float32, on the host); NaN for
+    empty rows. One compiled pass on the host copy: a handful of small tensor
+    ops would each cost more, right after the target's forward."""
+    if values.is_floating_point():
+        values = values.float()  # bf16 has no numpy type
+    return torch.from_numpy(_row_means(values.cpu().numpy(),
+                                       cu_num_draft_tokens.cpu().numpy()))
+
+
+@njit(cache=True)
+def _row_means(values, cu):
+    out = np.empty(len(cu), dtype=np.float32)
+    start = 0
+    for i in range(len(cu)):
+        total = 0.0
+        for j in range(start, cu[i]):
+            total += values[j]
+        out[i] = total / (cu[i] - start) if cu[i] > start else np.nan
+        start = cu[i]
+    return out
+
+
+def compile_kernels() -> None:
+    """Compile this module's kernels with the engine's argument types now
+    (numba caches them on disk), not during the first verification."""
+    cu, out = np.ones(1, dtype=np.int32), np.zeros((1, 2), dtype=np.int32)
+    for values in (np.zeros(1, dtype=bool), np.zeros(1, dtype=np.float32)):
+        _row_means(values, cu)
+    accepted_counts(out, np.ones(1, dtype=np.int64))
+
+
+@njit(cache=True)
+def accepted_counts(output_token_ids, num_drafted):
+    """Drafted tokens accepted per row, from the rejection sampler's output
+    [B, k+1] (-1 = empty): the emitted tokens minus the one bonus/recovered
+    token, at most what was drafted."""
+    b = output_token_ids.shape[0]
+    out = np.zeros(b, dtype=np.int64)
+    for i in range(b):
+        emitted = 0
+        for j in range(output_token_ids.shape[1]):
+            emitted += output_token_ids[i, j] != -1
+        out[i] = min(max(emitted - 1, 0), num_drafted[i])
+    return out
 
 
 def token_alignment(
