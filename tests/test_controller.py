@@ -96,3 +96,18 @@ def test_restart_and_finish():
     c.finished("a")
     c.finished("a")  # idempotent (finish after abort)
     assert len(c.store) == 0
+
+
+def test_an_unmeasured_arm_is_priced_like_the_measured_arms_of_its_kind():
+    store = RequestStateStore(make_policy("ucb", 4))
+    c = StepController(store, objective="throughput", free_arms=[False, False, False, True])
+    c.observe_group_time(0, 1, 2e-3)
+    c.observe_group_time(2, 1, 4e-3)
+    fits = np.stack([c.costs().arm_fixed, c.costs().arm_per_row], 1)
+    measured = np.array([c.arm_cost[0].fit(), c.arm_cost[2].fit()])
+    assert fits[[0, 2]] == pytest.approx(measured)
+    assert fits[1] == pytest.approx(measured.mean(0))  # the draft LMs' mean
+    assert fits[3].tolist() == [0.0, 0.0]  # no free arm measured yet
+    c.observe_group_time(3, 1, 1e-5)
+    assert c.costs().arm_fixed[3] + c.costs().arm_per_row[3] == pytest.approx(1e-5)
+    assert c.costs().arm_fixed[1] == pytest.approx(measured[:, 0].mean())

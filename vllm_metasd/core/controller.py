@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from vllm_metasd.core.objective import (
-    LinearCost, StepCosts, choose_by_throughput, expected_tokens, row_options,
+    LinearCost, StepCosts, choose_by_throughput, expected_tokens, priced, row_options,
 )
 from vllm_metasd.core.state import RequestState, RequestStateStore
 
@@ -136,14 +136,7 @@ class StepController:
     def costs(self) -> StepCosts:
         """The online cost model; an arm not yet measured is priced like the
         measured arms of its kind (or free)."""
-        fits = self._arm_fits
-        unseen = np.isnan(fits[:, 0])
-        if unseen.any():
-            fits = fits.copy()
-            for kind in (True, False):
-                mask = self.free_arms == kind
-                seen = mask & ~unseen
-                fits[mask & unseen] = fits[seen].mean(0) if seen.any() else 0.0
+        fits = priced(self._arm_fits, self.free_arms)
         t0, t1 = self.target_cost.fit()
         return StepCosts(t0, t1, fits[:, 0], fits[:, 1])
 

@@ -168,6 +168,27 @@ def row_options(gain, count, computed, seq_lens, pick, free, bonus, disabled, k,
     return tokens, catch_up
 
 
+@njit(cache=True)
+def priced(fits, free):
+    """Each arm's (fixed, per row) cost ``fits`` [A, 2]; an arm not yet
+    measured (nan) is priced like the measured arms of its kind (free or
+    not; their mean), else 0."""
+    out = fits.copy()
+    for kind in (True, False):
+        fixed = per_row = 0.0
+        n = 0
+        for j in range(fits.shape[0]):
+            if free[j] == kind and not np.isnan(fits[j, 0]):
+                fixed += fits[j, 0]
+                per_row += fits[j, 1]
+                n += 1
+        for j in range(fits.shape[0]):
+            if free[j] == kind and np.isnan(fits[j, 0]):
+                out[j, 0] = fixed / n if n else 0.0
+                out[j, 1] = per_row / n if n else 0.0
+    return out
+
+
 class LinearCost:
     """Online least-squares fit ``seconds = fixed + slope * x`` with
     exponential forgetting (so it follows a machine whose load changes).

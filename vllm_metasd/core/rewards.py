@@ -125,7 +125,7 @@ def match_reward(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
     needed. At temperature 0 it is the BD of one-hot p and q, position by
     position (a draft past the first mismatch still scores if it agrees
     there). A placeholder draft (-1) scores 0."""
-    hit = draft_token_ids.long() == target_logits.argmax(dim=-1)
+    hit = draft_token_ids == target_logits.argmax(dim=-1)
     return segment_mean(hit, cu_num_draft_tokens)
 
 
