@@ -14,9 +14,8 @@ per round. Per round: tokens/s per method; reported: the median over rounds,
 the spread (min, max) and the ratio to ``draft_model:X`` per round (median).
 Greedy, the zoo's mixed prompts. MetaSD entries add their own time per step
 (``overhead_ms_per_step``: all of MetaSD's work outside the drafter forwards,
-from its phase timers) and, for the default, the per-group cost model of its
-draft LMs at batch 16 (``group_cost``: fixed ms per arm group per step + ms per
-row).
+from its phase timers) and the cost model it measured online (``cost_model``:
+per arm, fixed ms per arm group per step + ms per row; the target's step).
 """
 from __future__ import annotations
 
@@ -142,8 +141,7 @@ def run_batch(batch: int, methods: list[str], drafter: str, prompts: list[str],
                 summary[m]["overhead_ms_per_step"] = 1e3 * s["overhead_s"] / steps
                 summary[m]["phase_ms_per_step"] = {
                     k: 1e3 * v / steps for k, v in s["phase_s"].items()}
-                if "group_cost" in s:
-                    summary[m]["group_cost"] = s["group_cost"]
+                summary[m]["cost_model"] = s["cost_model"]
         return summary, {"rounds": results}
     finally:
         for e in engines.values():
@@ -191,7 +189,7 @@ def main() -> int:
             e[f"spread_bs{b}"] = s[m]["spread"]
             e[f"ratio_bs{b}"] = s[m]["ratio_to_draft_model"]
             e[f"ratio_spread_bs{b}"] = s[m]["ratio_spread"]
-            for extra in ("overhead_ms_per_step", "phase_ms_per_step", "group_cost"):
+            for extra in ("overhead_ms_per_step", "phase_ms_per_step", "cost_model"):
                 if extra in s[m]:
                     e[f"{extra}_bs{b}"] = s[m][extra]
         e["mean_accepted_len"] = by_batch[min(by_batch)][m]["mean_accepted_len"]

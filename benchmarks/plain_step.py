@@ -1,13 +1,17 @@
-"""What a plain step costs in a MetaSD engine: MetaSD with every step plain
-(the speculation gate's decision forced to "no") vs plain vLLM decoding.
+"""What a plain step costs in a MetaSD engine, and the shipped setup against
+plain decoding where plain decoding is fastest, measured finely.
 
-    python benchmarks/plain_step.py                 # -> results/plain_step.json, ~4 min
+    python benchmarks/plain_step.py                 # -> results/plain_step.json, ~8 min
 
-Where the gate turns speculation off (on this CPU: batch 16 and above), MetaSD
-can be no faster than its plain step. Both engines stay alive in one process;
-each round runs batch 1 (prompts one at a time) and batch 16 on each, the
-order reversed every other round; figures are medians over rounds, reported
-as MetaSD / plain. Greedy, the zoo's mixed prompts.
+Three engines alive in one process: plain vLLM; MetaSD with every step plain
+(the speculation gate's decision forced to "no"); the shipped MetaSD setup
+(default pool, throughput objective, match reward, the gate deciding). Where
+the gate turns speculation off (on this CPU: batch 16 and above), MetaSD can
+be no faster than its plain step. Each round runs batch 1 (prompts one at a
+time), batch 16 and batch 64 on each engine in turn, the order reversed every
+other round; the first round is a warm-up (the shipped engine's bandits and
+gate learn there) and is not counted; figures are medians over the other
+rounds, reported as MetaSD / plain. Greedy, the zoo's mixed prompts.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def never_speculate(worker) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6, help="counted rounds (plus one warm-up)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts at batch 1 per round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "plain_step.json")
@@ -43,48 +47,63 @@ def main() -> int:
 
     from vllm_metasd import zoo
 
-    prompts = [p["prompt"] for p in zoo.load_prompts()][:16]
+    prompts = [p["prompt"] for p in zoo.load_prompts()][:64]
+    batches = {"bs1": 1, "bs16": 16, "bs64": 64}
     cfg = zoo.default_metasd_config()
     cfg.update(log_stats_interval_s=0)
-    engines = {
-        "plain": LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024, seed=0),
-        "metasd_plain_steps": LLM(model=zoo.target_path(), enforce_eager=True,
-                                  max_model_len=1024, seed=0,
-                                  speculative_config={"method": "metasd", "config": cfg}),
-    }
+
+    def engine(spec=None):
+        return LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024, seed=0,
+                   max_num_seqs=64, speculative_config=spec)
+
+    engines = {"plain": engine(),
+               "metasd_plain_steps": engine({"method": "metasd", "config": cfg}),
+               "metasd": engine({"method": "metasd", "config": cfg})}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    tps: dict[str, dict[str, list[float]]] = {m: {"bs1": [], "bs16": []} for m in engines}
+    tps: dict[str, dict[str, list[float]]] = {m: {b: [] for b in batches} for m in engines}
     try:
         assert engines["metasd_plain_steps"].collective_rpc(never_speculate) == [True]
-        for llm in engines.values():
-            llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
         names = list(engines)
-        for r in range(args.rounds):
+        for r in range(args.rounds + 1):
             for m in (names if r % 2 == 0 else names[::-1]):
                 llm = engines[m]
-                t0, n = time.perf_counter(), 0
-                for p in prompts[:args.prompts]:
-                    n += len(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids)
-                tps[m]["bs1"].append(n / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                outs = llm.generate(prompts[:16], params, use_tqdm=False)
-                tps[m]["bs16"].append(sum(len(o.outputs[0].token_ids) for o in outs)
-                                      / (time.perf_counter() - t0))
-        stats = engines["metasd_plain_steps"].collective_rpc("metasd_stats")[0]
+                for b, size in batches.items():
+                    t0, n = time.perf_counter(), 0
+                    batch = prompts[:args.prompts] if size == 1 else prompts[:size]
+                    for group in ([[p] for p in batch] if size == 1 else [batch]):
+                        n += sum(len(o.outputs[0].token_ids)
+                                 for o in llm.generate(group, params, use_tqdm=False))
+                    if r > 0:
+                        tps[m][b].append(n / (time.perf_counter() - t0))
+        stats = {m: engines[m].collective_rpc("metasd_stats")[0]
+                 for m in ("metasd_plain_steps", "metasd")}
     finally:
         for llm in engines.values():
             llm.llm_engine.engine_core.shutdown()
     med = {m: {b: statistics.median(v) for b, v in d.items()} for m, d in tps.items()}
+    ratio = {m: {b: med[m][b] / med["plain"][b] for b in batches}
+             for m in ("metasd_plain_steps", "metasd")}
+    per_round = {m: {b: [x / y for x, y in zip(tps[m][b], tps["plain"][b])] for b in batches}
+                 for m in ratio}
     out = {"rounds": args.rounds, "max_tokens": args.max_tokens,
-           "ratio_bs1": med["metasd_plain_steps"]["bs1"] / med["plain"]["bs1"],
-           "ratio_bs16": med["metasd_plain_steps"]["bs16"] / med["plain"]["bs16"],
-           "tokens_per_s": tps, "metasd_plain_steps": stats["plain_steps"],
-           "metasd_drafted": sum(d["drafted"] for d in stats["drafters"].values())}
+           "ratio_bs1": ratio["metasd_plain_steps"]["bs1"],
+           "ratio_bs16": ratio["metasd_plain_steps"]["bs16"],
+           "ratio_bs64": ratio["metasd_plain_steps"]["bs64"],
+           "shipped_ratio": ratio["metasd"], "per_round_ratio": per_round,
+           "tokens_per_s": tps, "metasd_plain_steps": stats["metasd_plain_steps"]["plain_steps"],
+           "metasd_drafted": sum(d["drafted"]
+                                 for d in stats["metasd_plain_steps"]["drafters"].values()),
+           "shipped_plain_steps": stats["metasd"]["plain_steps"],
+           "shipped_steps": stats["metasd"]["steps"] + stats["metasd"]["plain_steps"],
+           "shipped_gate": stats["metasd"]["gate"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"MetaSD with every step plain / plain vLLM: batch 1 {out['ratio_bs1']:.3f}x, "
-          f"batch 16 {out['ratio_bs16']:.3f}x (medians of {args.rounds} rounds; "
-          f"{out['metasd_plain_steps']} plain steps, {out['metasd_drafted']} tokens drafted)")
+    fmt = lambda d: ", ".join(f"batch {b[2:]} {v:.3f}x" for b, v in d.items())  # noqa: E731
+    print(f"MetaSD with every step plain / plain vLLM: {fmt(ratio['metasd_plain_steps'])} "
+          f"({out['metasd_plain_steps']} plain steps, {out['metasd_drafted']} tokens drafted)")
+    print(f"MetaSD shipped setup / plain vLLM: {fmt(ratio['metasd'])} "
+          f"({out['shipped_plain_steps']} of {out['shipped_steps']} steps plain); "
+          f"medians of {args.rounds} rounds")
     return 0
 
 

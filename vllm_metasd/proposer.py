@@ -393,7 +393,6 @@ class MetaSDProposer(DraftModelProposer):
         fwd = arm.forward_s - forward0
         self.telemetry.phase_s["forward"] += fwd
         self.telemetry.phase_s["catch_up"] += now - t - fwd
-        self.telemetry.record_group(rows, now - t)
         return now
 
     def _fill_top(self, top, rows: np.ndarray, ids: np.ndarray, q_top) -> None:
@@ -482,7 +481,7 @@ class MetaSDProposer(DraftModelProposer):
                 "placeholder_drafts": c.placeholder_drafts,
                 "plain_steps": self.plain_steps,
                 "gate": None if self.gate is None else self.gate.snapshot(),
-                "cost_model": c.cost_snapshot() if c.objective == "throughput" else None,
+                "cost_model": c.cost_snapshot(),
                 "arm_failures": dict(zip(self.arm_names, c.total_failures)),
                 "disabled_arms": [self.arm_names[a] for a in np.flatnonzero(c.disabled)]}
 

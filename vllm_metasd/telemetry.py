@@ -50,30 +50,6 @@ class Telemetry:
         self.choice_log: collections.deque = collections.deque(maxlen=CHOICE_LOG_STEPS)
         self._hash = hashlib.blake2b(digest_size=8)
         self._num_choices = 0
-        self._groups = [0, 0.0, 0.0, 0.0, 0.0]  # draft-LM groups: count, sum n, t, n^2, n*t
-
-    def record_group(self, rows: int, seconds: float) -> None:
-        """One draft-LM arm group of a step: its rows and its drafting time
-        (catch-up + forwards), for the per-group cost model."""
-        g = self._groups
-        g[0] += 1
-        g[1] += rows
-        g[2] += seconds
-        g[3] += rows * rows
-        g[4] += rows * seconds
-
-    def group_cost(self) -> dict | None:
-        """Least-squares fit of a draft-LM group's time = fixed + per_row * rows:
-        what opening one more arm group in a step costs (``fixed_ms``) and what
-        one more row in an open group costs (``per_row_ms``)."""
-        c, n, t, nn, nt = self._groups
-        if c < 2:
-            return None
-        var = nn / c - (n / c) ** 2
-        per_row = (nt / c - n / c * t / c) / var if var > 1e-9 else 0.0
-        fixed = t / c - per_row * n / c
-        return {"groups": c, "mean_rows": n / c, "fixed_ms": 1e3 * fixed,
-                "per_row_ms": 1e3 * per_row}
 
     def add(self, phase: str, t0: float) -> float:
         """Charge the time since ``t0`` to ``phase``; returns now."""
@@ -104,7 +80,6 @@ class Telemetry:
     def snapshot(self, base: dict[str, Any]) -> dict[str, Any]:
         return {**base, "arms": self.arm_names, "steps": self.steps,
                 "overhead_s": self.overhead_s, "phase_s": dict(self.phase_s),
-                "group_cost": self.group_cost(),
                 "arm_choices": {"count": self._num_choices,
                                 "digest": self._hash.hexdigest()}}
 

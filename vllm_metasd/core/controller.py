@@ -141,9 +141,10 @@ class StepController:
         return StepCosts(t0, t1, fits[:, 0], fits[:, 1])
 
     def cost_snapshot(self) -> dict:
-        """What the throughput objective believes a step costs (ms): the
-        target's fixed time and time per verified token, and per arm a group's
-        fixed time and time per row."""
+        """What the cost model believes a step costs (ms; measured under every
+        objective, chosen by under "throughput"): the target's fixed time and
+        time per verified token, and per arm a group's fixed time and time per
+        row (an arm not yet measured: priced as in ``costs``)."""
         c = self.costs()
         ms = lambda v: round(1e3 * float(v), 4)  # noqa: E731
         return {"target_fixed_ms": ms(c.target_fixed),
