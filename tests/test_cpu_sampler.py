@@ -7,6 +7,7 @@ vLLM's own test ``test_placeholder_draft_token_rejected_random``: a draft id -1 
 placeholder vLLM pads resumed requests' drafts with) is rejected, the output takes the
 recovered token there, and nothing after it is read or emitted.
 """
+import sys
 from types import SimpleNamespace
 from unittest.mock import Mock
 
@@ -29,9 +30,17 @@ def rs():
 
     apply_all()
     # vLLM's worker registers the C++ kernel overrides right after loading plugins;
-    # do the same here (once per process).
+    # do the same here (once per process). That registration scans every loaded
+    # module and fails on llvmlite's objects, which a worker has not loaded then
+    # (MetaSD imports numba later) but this test process may have (an earlier
+    # test ran a numba kernel): numba's and llvmlite's modules are left out of the scan.
     if not isinstance(rejection_sampler.rejection_random_sample_kernel, KernelOverride):
-        current_platform.register_triton_kernel_overrides()
+        hidden = {name: sys.modules.pop(name) for name in list(sys.modules)
+                  if name.split(".")[0] in ("numba", "llvmlite")}
+        try:
+            current_platform.register_triton_kernel_overrides()
+        finally:
+            sys.modules.update(hidden)
     return rejection_sampler
 
 
