@@ -22,6 +22,7 @@ PATCH_MODULES = (
     "rejection_sampler",  # read target probabilities p at verification
     "cpu_sampler",  # vLLM bugs in verification on CPU (-1 drafts, expand, empty top-k)
     "worker",  # metasd_stats / metasd_reset_stats worker RPCs
+    "draft_handoff",  # a step's drafts back with its output, not by a second worker RPC
     "api_server",  # per-drafter statistics on /metrics (API-server process only)
 )
 
