@@ -15,7 +15,8 @@ single method and to plain decoding; reported: medians over passes and their
 spread. Methods: ``none``, ``ngram``, ``draft:<drafter>``, and
 ``metasd@<pool>[+probe][+cold]`` (the shipped setup, ``throughput`` +
 ``match`` + gate, on a drafter pool of benchmarks/selection.py; ``+probe``:
-prompt probe, ``+cold``: no warm start). Greedy, the zoo's mixed prompts.
+prompt probe, with which the warm start's prior is not applied; ``+cold``: no warm
+start). Greedy, the zoo's mixed prompts.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from parity import Engine  # noqa: E402
 from selection import POOLS, pool_config, spec_for  # noqa: E402
 
 METHODS = ("none", "ngram", "draft:general", "draft:general-equal", "metasd@default",
-           "metasd@paper", "metasd@paper+probe+cold")
+           "metasd@paper", "metasd@paper+probe")
 
 
 def spec(method: str):

@@ -232,7 +232,8 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
     free = np.array([str(a) == "lookup" for a in trace["arms"]])
     params = {k: v for k, v in policy.items() if k != "name"}
     ctl = StepController(RequestStateStore(
-        make_policy(policy["name"], n_arms, seed=seed, **params), warm_start=warm_start),
+        make_policy(policy["name"], n_arms, seed=seed, **params), warm_start=warm_start,
+        prompt_probe=probe),
         k=K, objective=objective, free_arms=free, beta=float(params.get("beta", 0.1)))
     one, row = np.array([True]), np.array([0])
     steps, accepted, seconds, choices = [], [], [], []

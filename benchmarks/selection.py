@@ -11,7 +11,8 @@ n-gram; ``paper`` = five specialists + ``general-equal`` (a general drafter
 trained with one specialist's budget, as in the paper's comparison) + n-gram.
 MetaSD runs as ``metasd:<objective>:<reward>[+probe][+cold][+nogate]`` (objectives
 ``alignment`` and ``throughput``, rewards ``bd`` and ``match``, ``+probe``: prompt-informed
-start, ``+cold``: without the warm start, ``+nogate``: without the speculation gate) on
+start, which the warm start's prior then leaves alone, ``+cold``: without the warm
+start, ``+nogate``: without the speculation gate) on
 one engine per pool,
 reconfigured between variants (bandit states, cost fits and the gate
 restart). Greedy, the zoo's mixed prompts. Each round starts every engine in
@@ -45,7 +46,7 @@ SPECIALISTS = ("code", "prose", "math", "data", "german")
 POOLS = {"default": "general", "paper": "general-equal"}
 VARIANTS = ("metasd:alignment:bd", "metasd:throughput:bd", "metasd:throughput:match",
             "metasd:throughput:match+nogate", "metasd:throughput:match+probe",
-            "metasd:throughput:match+probe+cold", "metasd:alignment:match+probe+cold")
+            "metasd:alignment:match+probe")
 
 
 def pool_config(general: str) -> dict:

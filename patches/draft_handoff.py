@@ -19,7 +19,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_metasd.patches._util import wrap
-from vllm_metasd.patches.model_runner import _metasd_drafter
+from vllm_metasd.patches.model_runner import metasd_drafter
 
 DRAFTS = "metasd_draft_token_ids"  # the attribute on the step's output
 _NOTHING = object()  # no drafts handed over (None is a valid answer: no drafts)
@@ -30,7 +30,7 @@ def _worker_sample_tokens(original):
         output = original(self, grammar_output)
         runner = self.model_runner
         if (type(output) is ModelRunnerOutput and output is not EMPTY_MODEL_RUNNER_OUTPUT
-                and _metasd_drafter(runner) is not None and not runner.use_async_scheduling):
+                and metasd_drafter(runner) is not None and not runner.use_async_scheduling):
             setattr(output, DRAFTS, runner.take_draft_token_ids())
         return output
 

@@ -44,7 +44,7 @@ from vllm_metasd import feedback
 from vllm_metasd.patches._util import wrap
 
 
-def _metasd_drafter(runner):
+def metasd_drafter(runner):
     """The runner's MetaSD proposer, or None (any other engine)."""
     return getattr(runner, "_metasd_proposer", None)
 
@@ -76,7 +76,7 @@ def _use_v2_model_runner(original):
 
 def _update_states(original):
     def update_states(self, scheduler_output):
-        drafter = _metasd_drafter(self)
+        drafter = metasd_drafter(self)
         if drafter is not None:
             drafter.on_schedule(scheduler_output)
         return original(self, scheduler_output)
@@ -98,7 +98,7 @@ def _attention_only(runner) -> bool:
 
 def _prepare_inputs(original):
     def prepare_inputs(self, scheduler_output, *args, **kwargs):
-        if (scheduler_output.scheduled_spec_decode_tokens or _metasd_drafter(self) is None
+        if (scheduler_output.scheduled_spec_decode_tokens or metasd_drafter(self) is None
                 or self.use_async_scheduling or not _attention_only(self)):
             return original(self, scheduler_output, *args, **kwargs)
         # No row has drafts: no spec-decode metadata (vLLM reads the config here).
@@ -113,7 +113,7 @@ def _prepare_inputs(original):
 
 def _sample(original):
     def sample(self, logits, spec_decode_metadata):
-        drafter = _metasd_drafter(self)
+        drafter = metasd_drafter(self)
         if drafter is None or spec_decode_metadata is None:
             return original(self, logits, spec_decode_metadata)
         if spec_decode_metadata.max_spec_len == 0:
@@ -139,7 +139,7 @@ def _propose_draft_token_ids(original):
         args = (scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                 sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                 common_attn_metadata, slot_mappings)
-        drafter = _metasd_drafter(self)
+        drafter = metasd_drafter(self)
         if drafter is None:
             return original(self, *args)
         speculates = drafter.start_step(scheduler_output.total_num_scheduled_tokens,

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from vllm.v1.worker.worker_base import WorkerBase
 
-from vllm_metasd.patches.model_runner import _metasd_drafter
+from vllm_metasd.patches.model_runner import metasd_drafter
 
 
 def _drafter(worker):
-    return _metasd_drafter(getattr(worker, "model_runner", None))
+    return metasd_drafter(getattr(worker, "model_runner", None))
 
 
 def metasd_stats(self):

@@ -172,3 +172,26 @@ def test_prompt_probe_seeds_estimates_and_marks_the_kv_filled():
     # before any verification, on the reward scale: accepted drafts per drafted token
     assert a.stats.reward_sum[0] == pytest.approx(0.9375 / K)
     assert ctl.begin(["a"], np.array([True])).tolist() == []  # not new any more
+
+
+@pytest.mark.parametrize("prompt_probe", [True, False])
+def test_with_the_prompt_probe_a_request_starts_from_its_prompt_not_the_warm_prior(prompt_probe):
+    # Finished requests found arm 0 (a generalist) good; the new request's
+    # prompt agrees with arm 1 (a specialist) and not with arm 0.
+    store = RequestStateStore(make_policy("ucb", 2, beta=0.1), warm_start=True,
+                              prompt_probe=prompt_probe)
+    ctl = StepController(store, k=K)
+    for i in range(4):
+        s = store.get_or_create(f"old{i}")
+        store.record(s, 0, K, 2, 0.5)
+        s.observe_gain(0, 2.0)
+        ctl.finished(f"old{i}")
+    new = ctl.begin(["new"], np.array([True]))
+    ctl.probed(0, new, np.array([40]), np.array([0.0]))
+    ctl.probed(1, new, np.array([40]), np.array([0.8]))
+    s = store.get("new")
+    if prompt_probe:  # its own evidence only: one observation per arm
+        assert s.gain_count.tolist() == [1.0, 1.0] and s.bandit.counts == [1.0, 1.0]
+        assert ctl.choose(["new"], np.array([True])).tolist() == [1]
+    else:  # the population's prior (two pseudo-observations) on top
+        assert s.gain_count.tolist() == [3.0, 1.0]

@@ -137,7 +137,8 @@ class MetaSDProposer(DraftModelProposer):
 
     def _new_controller(self) -> StepController:
         store = RequestStateStore(self.config.make_policy(), self.arm_names,
-                                  warm_start=self.config.warm_start)
+                                  warm_start=self.config.warm_start,
+                                  prompt_probe=self.config.prompt_probe)
         objective = self.config.objective
         if objective == "throughput" and self.ranks > 1:
             # Its choices depend on each rank's own timings; the ranks of one
