@@ -8,10 +8,12 @@ Three engines alive in one process: plain vLLM; MetaSD with every step plain
 (default pool, throughput objective, match reward, the gate deciding). Where
 the gate turns speculation off (on this CPU: batch 16 and above), MetaSD can
 be no faster than its plain step. Each round runs batch 1 (prompts one at a
-time), batch 16 and batch 64 on each engine in turn, the order reversed every
-other round; the first round is a warm-up (the shipped engine's bandits and
-gate learn there) and is not counted; figures are medians over the other
-rounds, reported as MetaSD / plain. Greedy, the zoo's mixed prompts.
+time), then batch 16, then batch 64, each on every engine in turn (the order
+rotating per round), so the runs compared are seconds apart; the first round
+is a warm-up (the shipped engine's bandits and gate learn there) and is not
+counted. Reported per batch size: the median over rounds of MetaSD / plain
+in the same round (the spread in ``per_round_ratio``). Greedy, the zoo's
+mixed prompts.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def never_speculate(worker) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6, help="counted rounds (plus one warm-up)")
+    ap.add_argument("--rounds", type=int, default=12, help="counted rounds (plus one warm-up)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts at batch 1 per round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "plain_step.json")
@@ -65,14 +67,14 @@ def main() -> int:
         assert engines["metasd_plain_steps"].collective_rpc(never_speculate) == [True]
         names = list(engines)
         for r in range(args.rounds + 1):
-            for m in (names if r % 2 == 0 else names[::-1]):
-                llm = engines[m]
-                for b, size in batches.items():
+            order = names[r % len(names):] + names[:r % len(names)]
+            for b, size in batches.items():
+                batch = prompts[:args.prompts] if size == 1 else prompts[:size]
+                for m in order:
                     t0, n = time.perf_counter(), 0
-                    batch = prompts[:args.prompts] if size == 1 else prompts[:size]
                     for group in ([[p] for p in batch] if size == 1 else [batch]):
                         n += sum(len(o.outputs[0].token_ids)
-                                 for o in llm.generate(group, params, use_tqdm=False))
+                                 for o in engines[m].generate(group, params, use_tqdm=False))
                     if r > 0:
                         tps[m][b].append(n / (time.perf_counter() - t0))
         stats = {m: engines[m].collective_rpc("metasd_stats")[0]
@@ -80,11 +82,9 @@ def main() -> int:
     finally:
         for llm in engines.values():
             llm.llm_engine.engine_core.shutdown()
-    med = {m: {b: statistics.median(v) for b, v in d.items()} for m, d in tps.items()}
-    ratio = {m: {b: med[m][b] / med["plain"][b] for b in batches}
-             for m in ("metasd_plain_steps", "metasd")}
     per_round = {m: {b: [x / y for x, y in zip(tps[m][b], tps["plain"][b])] for b in batches}
-                 for m in ratio}
+                 for m in ("metasd_plain_steps", "metasd")}
+    ratio = {m: {b: statistics.median(v) for b, v in d.items()} for m, d in per_round.items()}
     out = {"rounds": args.rounds, "max_tokens": args.max_tokens,
            "ratio_bs1": ratio["metasd_plain_steps"]["bs1"],
            "ratio_bs16": ratio["metasd_plain_steps"]["bs16"],
