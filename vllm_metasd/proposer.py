@@ -136,12 +136,12 @@ class MetaSDProposer(DraftModelProposer):
                     self.arm_names, self.k, self.config.policy.name, self.config.reward)
 
     def _new_controller(self) -> StepController:
-        if self.config.warm_start and self.config.prompt_probe:
-            logger.info("MetaSD: prompt_probe on: each request starts from its own prompt's "
-                        "evidence; the warm start's prior is not applied")
         store = RequestStateStore(self.config.make_policy(), self.arm_names,
                                   warm_start=self.config.warm_start,
                                   prompt_probe=self.config.prompt_probe)
+        if self.config.warm_start and not store.warm_start:
+            logger.info("MetaSD: prompt_probe on: each request starts from its own prompt's "
+                        "evidence; the warm start's prior is not applied")
         objective = self.config.objective
         if objective == "throughput" and self.ranks > 1:
             # Its choices depend on each rank's own timings; the ranks of one
