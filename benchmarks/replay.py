@@ -153,8 +153,9 @@ def record(args) -> None:
         sl = slice(offsets[i], offsets[i + 1])
         acc[-1, sl], bd[-1, sl], drafted[-1, sl] = ngram_outcomes(p, y, K, 2, 4)
         ends = range(max(len(p) - 1 - PROBE_WINDOW, 1), len(p) - 1)
-        probe[-1, i] = np.mean([ngram_draft(p[:e], 1, 2, 4).tolist() == [p[e]] for e in ends]
-                               or [0.0])
+        guesses = [ngram_draft(p[:e], 1, 2, 4).tolist() for e in ends]
+        hits = [g == [p[e]] for g, e in zip(guesses, ends) if g]  # where it proposes
+        probe[-1, i] = np.mean(hits or [0.0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bd_full[-1] = bd[-1]  # n-gram: q is one-hot at a drafted token, p's mass there
     np.savez_compressed(args.out, acc=acc, bd=bd, bd_full=bd_full, probe=probe,
@@ -220,9 +221,10 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
 
     ``objective`` "throughput" (needs ``times``): the controller chooses by
     expected tokens per second from the step times it is fed, as the engine
-    measures them at batch 1 (a step may draft nothing); the lookup arm learns
-    from every step (full information: its would-be draft scored on the
-    verified tokens, as the engine's ``WouldBeDrafts``). ``seconds``: each
+    measures them at batch 1 (a step may draft nothing); the lookup arm's
+    proposal is known before the choice and it learns from every step (full
+    information: its would-be draft scored on the verified tokens), as the
+    engine's ``FreeDrafts``. ``seconds``: each
     prompt's modelled time (with ``times``)."""
     from vllm_metasd.core import RequestStateStore, StepController, make_policy
 
@@ -248,7 +250,9 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
                 secs += int((~free).sum()) * times.lm_s / K
         while t < L:
             seq = PROMPT_TOKENS + t  # tokens known (a catch-up's length does not matter)
-            arm = int(ctl.choose([rid], one, np.array([seq]))[0])
+            # what the free arms propose (the engine's FreeDrafts, before the choice)
+            proposed = np.where(free, drafted[:, base + t], 0)[None]
+            arm = int(ctl.choose([rid], one, np.array([seq]), proposed)[0])
             a = d = 0
             if arm >= 0:
                 behind = seq - ctl.caught_up(arm, row)[0] > K + 1
@@ -271,7 +275,7 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
                 for f in np.flatnonzero(free).tolist():  # would-be drafts, scored
                     fd = int(drafted[f, base + t])
                     m = min(int(acc[f, base + t]), a + 1)
-                    ctl.full_information(f, [rid], [m / fd if fd else 0.0], [m])
+                    ctl.full_information(f, [rid], [m / fd if fd else 0.0], [m], [fd])
             picks.append(arm)
             t, n, a_sum = t + a + 1, n + 1, a_sum + a
         ctl.finished(rid)

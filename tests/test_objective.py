@@ -107,11 +107,47 @@ def test_full_information_updates_estimates_not_drafter_statistics():
     ctl = StepController(store, k=K, free_arms=[False, True])
     ctl.choose(["a"], np.array([True]))
     store.get("a").last_arm = 0
-    ctl.full_information(1, ["a", "gone"], [0.75, 1.0], [3, 4])
+    ctl.full_information(1, ["a", "gone"], [0.75, 1.0], [3, 4], [4, 4])
     s = store.get("a")
     assert s.stats.reward_count[1] == 1 and s.stats.reward_sum[1] == 0.75
     assert s.gain_sum[1] == 3 and s.gain_count[1] == 1
     assert store.totals.reward_count[1] == 0 and s.stats.drafted[1] == 0
+
+
+def test_a_free_arm_is_offered_only_where_it_proposes_and_valued_at_what_it_then_yields():
+    # Arm 0 a draft LM (1 token a step beyond the target's), arm 1 the
+    # n-gram lookup: 3 tokens a step when it finds a match, none on the other
+    # half of the steps. Drafting with the LM costs as much as the target step.
+    store = RequestStateStore(make_policy("ucb", 2, beta=1e-6))
+    ctl = StepController(store, k=K, objective="throughput", free_arms=[False, True], beta=1e-6)
+    seq, one = np.array([50]), np.array([True])
+    ctl.choose(["a"], one, seq)
+    ctl.observe_step_time(1, 4e-3)
+    ctl.observe_step_time(5, 4.4e-3)
+    ctl.observe_group_time(0, 1, 4e-3)
+    ctl.observe_group_time(1, 1, 1e-5)
+    s = store.get("a")
+    s.gain_sum[0], s.gain_count[0] = 10.0, 10
+    for step in range(10):  # its would-be drafts: a match every other step
+        matched = 3 if step % 2 == 0 else 0
+        ctl.full_information(1, ["a"], [0.75 if matched else 0.0], [matched],
+                             [K if matched else 0])
+    # Empty drafts are no sample of its gain: 3 tokens a step when it proposes
+    # (over every step it would be 1.5, and the LM's 2 / 8.4 ms would win).
+    assert s.gain_count[1] == 5 and s.gain_sum[1] / s.gain_count[1] == 3.0
+    assert s.stats.reward_count[1] == 10  # its bandit still learns every step
+    proposes = np.array([[0, K]])
+    assert ctl.choose(["a"], one, seq, proposes).tolist() == [1]
+    # No proposal this step: the lookup is no option; the LM (2 tokens in
+    # 8.4 ms) beats plain decoding (1 in 4 ms)? 238 < 250 tok/s: nothing.
+    assert ctl.choose(["a"], one, seq, np.zeros((1, 2), dtype=np.int64)).tolist() == [-1]
+    s.gain_sum[0] = 20.0  # an LM worth 3 tokens a step: drafts where the lookup cannot
+    assert ctl.choose(["a"], one, seq, np.zeros((1, 2), dtype=np.int64)).tolist() == [0]
+    # An empty draft of the chosen lookup settles its bandit, not its estimate
+    store.get("a").last_arm = 1
+    ctl.begin(["a"], one)
+    ctl.drafted(1, np.array([0]), np.array([0]))
+    assert s.gain_count[1] == 5 and s.stats.reward_count[1] == 11
 
 
 def test_throughput_drafts_only_with_the_rows_own_bandit_choice_or_a_free_arm():

@@ -283,9 +283,11 @@ class NgramArm:
         return Draft(self._ids[step.rows, :step.k], lengths=self._num[step.rows])
 
     def probe(self, step: DraftStep, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """As ``DraftLMArm.probe``: the share of the last ``window`` positions of
-        each row's known tokens where the lookup's first drafted token is the
-        one that follows (no draft: a miss). Runs once per new request."""
+        """As ``DraftLMArm.probe``: of the last ``window`` positions of each
+        row's known tokens where the lookup proposes, the share where its first
+        drafted token is the one that follows (its value when it proposes,
+        as the throughput objective offers it; 0 if it never does). Runs once
+        per new request."""
         lens = step.seq_lens[step.rows].astype(np.int64)
         agreement = np.zeros(len(lens))
         for i, (row, n) in enumerate(zip(step.rows.tolist(), lens.tolist())):
@@ -295,7 +297,8 @@ class NgramArm:
             ids = np.zeros((len(ends), 1), dtype=np.int32)
             num = np.zeros(len(ends), dtype=np.int32)
             self._match(np.arange(len(ends)), ends, history, 1, ids, num)
-            agreement[i] = ((num > 0) & (ids[:, 0] == step.token_ids[row, ends])).mean()
+            hits = ((num > 0) & (ids[:, 0] == step.token_ids[row, ends])).sum()
+            agreement[i] = hits / max(int((num > 0).sum()), 1)
         return lens, agreement
 
 

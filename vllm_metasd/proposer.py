@@ -13,7 +13,9 @@ One engine step, top to bottom:
    not: no drafts, nothing below runs);
 4. ``draft`` (called by the patch instead of vLLM's input preparation for a
    single drafter, which no arm reads): a new request's arms are scored on
-   its prompt (``evidence``, ``prompt_probe``); each request's bandit picks
+   its prompt (``evidence``, ``prompt_probe``); under the throughput
+   objective the free arms (n-gram) draft for every row first (``evidence``:
+   the choice sees which rows they propose for); each request's bandit picks
    an arm (``controller.choose``); rows are grouped by arm, and each chosen
    arm drafts for its group (``arms``: a draft LM first catches up on the
    tokens it missed, then drafts k; n-gram looks up the history); drafts are
@@ -38,10 +40,10 @@ from vllm_metasd.arms import DraftLMArm, build_arms
 from vllm_metasd.config import MetaSDConfig, load_config
 from vllm_metasd.core import RequestStateStore, group_rows_by_arm
 from vllm_metasd.core.controller import StepController
-from vllm_metasd.core.draft import DraftStep
+from vllm_metasd.core.draft import Draft, DraftStep
 from vllm_metasd.core.gate import SpeculationGate
 from vllm_metasd.core.rewards import compile_kernels
-from vllm_metasd.evidence import WouldBeDrafts, probe_new_requests
+from vllm_metasd.evidence import FreeDrafts, probe_new_requests
 from vllm_metasd.faults import FAULT_ENV, FaultyArm, check_draft, parse_fault_injection
 from vllm_metasd.feedback import Verification
 from vllm_metasd.telemetry import Telemetry, format_stats_line  # noqa: F401 (re-export)
@@ -127,7 +129,7 @@ class MetaSDProposer(DraftModelProposer):
         # the last step is not the target's
         self._continuing = False
         self.plain_steps = 0  # steps the gate ran without speculation
-        self._would = WouldBeDrafts()  # n-gram drafts not made last step, scored on this one
+        self._free = FreeDrafts()  # n-gram drafts, made before the choice (throughput)
         one = np.zeros((1, 1), dtype=np.int32)  # compile now, with the engine's types
         take_verified(one, np.zeros(1, dtype=bool), 1, one[0], one)
         compile_kernels()  # the verification's (core.rewards)
@@ -245,7 +247,7 @@ class MetaSDProposer(DraftModelProposer):
         valid, seq_lens, tokens, empty = take_verified(
             sampled, discard, self.vocab_size, batch.num_tokens_no_spec, batch.token_ids_cpu)
         self._step = (start, n, seq_lens, valid)
-        self._would.score(self.controller, batch.req_ids[:n], sampled, valid)
+        self._free.score(self.controller, batch.req_ids[:n], sampled, valid)
         self._speculating = self._speculate(n, start, tokens, empty == 0)
         self.telemetry.add("inputs", t)
         return self._speculating
@@ -291,7 +293,12 @@ class MetaSDProposer(DraftModelProposer):
                 block_table=block_table,
                 sampling_metadata=sampling_metadata, k=0, want_q=False))
             t = tel.add("probe", t)
-        arms = self.controller.choose(req_ids, active, seq_lens)
+        proposed = None
+        if self.controller.objective == "throughput":  # free arms draft before the choice
+            proposed = self._free.make(self.arms, self.arm_names, self.controller, active,
+                                       seq_lens, batch.token_ids_cpu, k, self.vocab_size)
+            t = tel.add("forward", t)
+        arms = self.controller.choose(req_ids, active, seq_lens, proposed)
         tel.record_choices(req_ids, arms)
         t = tel.add("choice", t)
 
@@ -312,23 +319,29 @@ class MetaSDProposer(DraftModelProposer):
         all_steady = not probing  # drafter passes over whole prompts: a catch-up
         for a in chosen:
             rows, arm = groups[a], self.arms[a]
-            step = DraftStep(rows=rows, starts=self.controller.caught_up(a, rows),
-                             seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
-                             block_table=block_table,
-                             sampling_metadata=sampling_metadata, k=k, want_q=want_q)
-            forward0 = getattr(arm, "forward_s", 0.0)
-            try:
-                draft = arm.draft(step)
-                steady = arm.deterministic or bool((seq_lens[rows] - step.starts <= k + 1).all())
-                all_steady &= steady
-                t = self._charge_draft(t, a, len(rows), forward0, steady)
-                row_ids, row_lens = check_draft(draft, len(rows), k, self.vocab_size,
-                                                need_q=want_q and not arm.deterministic)
-            except Exception as e:  # a drafter must never take the engine down
-                self.controller.failed(a, rows, self.arm_names[a], e)
+            made = self._free.draft_for(a, rows)  # a free arm's, made before the choice
+            if made is not None:
+                row_ids, row_lens = made
+                draft = Draft(row_ids, lengths=row_lens)
+            else:
+                step = DraftStep(rows=rows, starts=self.controller.caught_up(a, rows),
+                                 seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
+                                 block_table=block_table,
+                                 sampling_metadata=sampling_metadata, k=k, want_q=want_q)
+                forward0 = getattr(arm, "forward_s", 0.0)
+                try:
+                    draft = arm.draft(step)
+                    steady = arm.deterministic or bool(
+                        (seq_lens[rows] - step.starts <= k + 1).all())
+                    all_steady &= steady
+                    t = self._charge_draft(t, a, len(rows), forward0, steady)
+                    row_ids, row_lens = check_draft(draft, len(rows), k, self.vocab_size,
+                                                    need_q=want_q and not arm.deterministic)
+                except Exception as e:  # a drafter must never take the engine down
+                    self.controller.failed(a, rows, self.arm_names[a], e)
+                    t = tel.add("validation", t)
+                    continue  # its rows draft nothing: no speculation, reward 0
                 t = tel.add("validation", t)
-                continue  # its rows draft nothing: no speculation, reward 0
-            t = tel.add("validation", t)
             self.controller.drafted(a, rows, row_lens)
             if draft.computed is not None:
                 self.controller.mark_caught_up(a, rows, draft.computed)
@@ -347,8 +360,8 @@ class MetaSDProposer(DraftModelProposer):
                 self._fill_top(top, rows, row_ids, draft.q_top)
             t = tel.add("assemble", t)
 
-        if self.controller.objective == "throughput":
-            self._would.make(self.arms, arms, active, req_ids, seq_lens, batch.token_ids_cpu, k)
+        if proposed is not None:
+            self._free.keep_unchosen(arms, req_ids)
         self._last_draft_probs = q
         self._top = None if top is None else (list(req_ids), top)
         drafts = ([[] for _ in range(n)] if ids is None

@@ -20,10 +20,13 @@ request's first step and freed by one call. The rules:
   (``core.objective``), whether each row drafts with it, takes a free arm
   (n-gram) or drafts nothing, from each request's optimistic tokens per step
   with each arm and costs measured online (the target's time per processed
-  token, each arm group's drafting time). Arms whose would-be drafts cost
-  nothing to score (n-gram) also learn from every verified step (full
-  information), so they are valued at their mean, without the exploration
-  bonus. With warm start, a new request's estimates start from the finished
+  token, each arm group's drafting time). Arms whose drafts cost nothing to
+  make (n-gram) draft for every row before the choice and learn from every
+  verified step (full information), so they are valued at their mean,
+  without the exploration bonus; a free arm is offered to a row only when
+  it proposes something this step, and is valued at what it yields when it
+  does (an empty draft earns its bandit 0, but is no sample of its gain:
+  the choice knows when there is none). With warm start, a new request's estimates start from the finished
   requests' mean tokens per step with each arm. A pinned arm (policy
   "fixed") is never second-guessed;
 - prompt-informed start (``probed``): a new request's bandit starts with one
@@ -77,7 +80,7 @@ class StepController:
         if objective == "throughput":  # compile its kernels now, not during a step
             zeros = np.zeros((1, n))
             self._choose_rows(zeros, zeros, zeros, np.zeros(1, dtype=np.int64),
-                              np.zeros(1, dtype=np.int64))
+                              np.zeros(1, dtype=np.int64), np.zeros((1, n), dtype=np.int64))
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -115,10 +118,13 @@ class StepController:
         return np.array(new, dtype=np.int64)
 
     def choose(self, req_ids: Sequence[str], active: np.ndarray,
-               seq_lens: np.ndarray | None = None) -> np.ndarray:
+               seq_lens: np.ndarray | None = None,
+               proposed: np.ndarray | None = None) -> np.ndarray:
         """Arm per batch row (-1: no speculation), after ``begin`` (called here
-        if it was not). ``seq_lens``: tokens known per row (the throughput
-        objective prices each arm's catch-up)."""
+        if it was not). For the throughput objective: ``seq_lens``, tokens
+        known per row (it prices each arm's catch-up); ``proposed`` [B, A],
+        how many tokens each free arm proposes for each row this step (its
+        drafts, made before the choice; None: assumed k)."""
         if not self._begun:
             self.begin(req_ids, active)
         self._begun = False
@@ -127,7 +133,10 @@ class StepController:
         live = np.flatnonzero(active).tolist()
         if (self.objective == "throughput" and self.target_cost.seen and seq_lens is not None
                 and self.store.policy.name != "fixed"):  # a pinned arm stays pinned
-            arms[live] = self._choose_throughput([rows[r] for r in live], seq_lens[live])
+            if proposed is None:
+                proposed = np.full((len(req_ids), self.num_arms), self.k, dtype=np.int64)
+            arms[live] = self._choose_throughput([rows[r] for r in live], seq_lens[live],
+                                                 proposed[live])
             return arms
         for row in live:  # one bandit per request
             arms[row] = self._choose_one(rows[row])
@@ -152,7 +161,8 @@ class StepController:
                 "arms": {name: {"group_fixed_ms": ms(f), "per_row_ms": ms(r)}
                          for name, f, r in zip(self.store.arm_names, c.arm_fixed, c.arm_per_row)}}
 
-    def _choose_throughput(self, states: list[RequestState], seq_lens: np.ndarray) -> np.ndarray:
+    def _choose_throughput(self, states: list[RequestState], seq_lens: np.ndarray,
+                           proposed: np.ndarray) -> np.ndarray:
         b, n_arms = len(states), self.num_arms
         gain = np.array([s.gain_sum for s in states]).reshape(b, n_arms)
         count = np.array([s.gain_count for s in states]).reshape(b, n_arms)
@@ -163,7 +173,8 @@ class StepController:
         # group, takes a free arm, or drafts nothing.
         select = self.store.policy.select
         pick = np.array([select(s.bandit) for s in states], dtype=np.int64)
-        choice = self._choose_rows(gain, count, computed, seq_lens.astype(np.int64), pick)
+        choice = self._choose_rows(gain, count, computed, seq_lens.astype(np.int64), pick,
+                                   proposed.astype(np.int64, copy=False))
         for state, arm in zip(states, choice.tolist()):
             if arm >= 0:
                 self.store.assign(state, arm)
@@ -171,10 +182,11 @@ class StepController:
                 state.last_arm = None
         return choice
 
-    def _choose_rows(self, gain, count, computed, seq_lens, pick) -> np.ndarray:
+    def _choose_rows(self, gain, count, computed, seq_lens, pick, proposed) -> np.ndarray:
         costs = self.costs()
         tokens, catch_up = row_options(gain, count, computed, seq_lens, pick, self.free_arms,
-                                       self._bonus, self.disabled, self.k, costs.arm_per_row)
+                                       self._bonus, self.disabled, self.k, costs.arm_per_row,
+                                       proposed)
         return choose_by_throughput(tokens, catch_up, costs, self.k)
 
     def observe_step_time(self, tokens: int, seconds: float) -> None:
@@ -187,16 +199,17 @@ class StepController:
         self._arm_fits[arm] = cost.fit()
 
     def full_information(self, arm: int, req_ids: Sequence[str], rewards: Sequence[float],
-                         accepted: Sequence[int]) -> None:
-        """Drafts ``arm`` would have made for requests it did not draft for,
-        scored against the verified tokens (reward, and tokens that would have
-        been accepted): they inform each request's bandit and estimates, not
+                         accepted: Sequence[int], lengths: Sequence[int]) -> None:
+        """Drafts ``arm`` (a free arm) would have made for requests it did not
+        draft for, of ``lengths`` tokens, scored against the verified tokens
+        (reward, and tokens that would have been accepted): they inform each
+        request's bandit and estimates (an empty draft: its bandit only), not
         the drafter's statistics."""
-        for req_id, reward, a in zip(req_ids, rewards, accepted):
+        for req_id, reward, a, n in zip(req_ids, rewards, accepted, lengths):
             state = self.store.get(req_id)
             if state is None or state.last_arm == arm:
                 continue
-            self._inform(state, arm, reward, a)
+            self._inform(state, arm, reward, a if n else None)
 
     def probed(self, arm: int, rows: np.ndarray, computed: np.ndarray,
                agreement: np.ndarray) -> None:
@@ -218,10 +231,14 @@ class StepController:
         scale = sum(t.reward_sum) / total if total > 0 else 1.0 / self.k
         return np.clip(accepted * scale, 0.0, 1.0)
 
-    def _inform(self, state: RequestState, arm: int, reward: float, accepted: float) -> None:
+    def _inform(self, state: RequestState, arm: int, reward: float,
+                accepted: float | None) -> None:
+        """One observation for the request's bandit and, unless ``accepted`` is
+        None, for its tokens-per-step estimate."""
         state.stats.reward_sum[arm] += reward
         state.stats.reward_count[arm] += 1
-        state.observe_gain(arm, accepted)
+        if accepted is not None:
+            state.observe_gain(arm, accepted)
         self.store.policy.update(state.bandit, arm, reward)
 
     def _choose_one(self, state: RequestState) -> int:
@@ -270,7 +287,8 @@ class StepController:
 
     def _settle_zero(self, state: RequestState, arm: int) -> None:
         self.store.record(state, arm, 0, 0, 0.0)
-        state.observe_gain(arm, 0.0)
+        if not self.free_arms[arm]:  # a free arm is offered only when it proposes
+            state.observe_gain(arm, 0.0)
         state.last_arm = None  # nothing awaits verification
 
     def observe(self, req_ids: Sequence[str], drafted: Sequence[int],

@@ -137,14 +137,19 @@ def _choose(tokens, per_row_s, target_fixed, target_per_token, arm_fixed, rounds
 
 
 @njit(error_model="numpy", cache=True)
-def row_options(gain, count, computed, seq_lens, pick, free, bonus, disabled, k, arm_per_row):
+def row_options(gain, count, computed, seq_lens, pick, free, bonus, disabled, k, arm_per_row,
+                proposed):
     """The throughput objective's view of each row ([B, A] each):
 
     - tokens: optimistic tokens per step with each arm (UCB on the tokens'
       scale: mean observed ``gain`` beyond the target's own token plus
       ``bonus * sqrt(log(t) / n)``; an arm never observed for the row: all
       k), for the arms the row may take: its own bandit's ``pick`` and the
-      free arms (0 for any other, and for disabled arms);
+      free arms (0 for any other, and for disabled arms). A free arm's
+      drafts are made before the choice: ``proposed`` [B, A] is how many
+      tokens it proposes for the row this step; one that proposes nothing
+      is no option (0), one that does is worth its mean gain over the steps
+      it proposed (``gain``/``count`` count only those), at most its length;
     - catch-up seconds: an arm whose KV is more than a step behind
       (``computed`` tokens of ``seq_lens``) first passes over the missed
       tokens, about a drafted row's time over its k sequential passes.
@@ -159,12 +164,17 @@ def row_options(gain, count, computed, seq_lens, pick, free, bonus, disabled, k,
                 catch_up[r, j] = arm_per_row[j] / k
             if disabled[j] or not (free[j] or j == pick[r]):
                 continue
+            cap = k
+            if free[j]:
+                cap = min(proposed[r, j], k)
+                if cap <= 0:
+                    continue
             n = count[r, j]
             extra = k
             if n > 0:
                 seen = max(n, 1.0)
                 extra = gain[r, j] / seen + bonus[j] * np.sqrt(log_t / seen)
-            tokens[r, j] = 1.0 + min(max(extra, 0.0), k)
+            tokens[r, j] = 1.0 + min(max(extra, 0.0), cap)
     return tokens, catch_up
 
 
