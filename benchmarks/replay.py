@@ -5,6 +5,8 @@ without rerunning vLLM).
     python benchmarks/replay.py record --out benchmarks/results/trace.npz
     python benchmarks/replay.py tune --trace benchmarks/results/trace.npz \
         --out benchmarks/results/replay.json
+    python benchmarks/replay.py record --target smollm2 --prompts-per-domain 8 \
+        --out benchmarks/results/smollm2/trace.npz     # SmolLM2-135M-Instruct's chat prompts
 
 ``record``: the target's greedy continuation ``y`` of each held-out prompt
 (through vLLM, no speculation), then, for every drafter and every output
@@ -41,6 +43,7 @@ import numpy as np
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+import targets  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from selection import POOLS, SPECIALISTS  # noqa: E402  (the drafter pools the engine runs)
 
 HERE = Path(__file__).resolve().parent
@@ -103,9 +106,15 @@ def record(args) -> None:
     from transformers import LlamaForCausalLM
     from vllm import LLM, SamplingParams
 
-    from vllm_metasd import zoo
+    zoo = targets.use(args.target)
+    if args.target == "smollm2":  # chat requests, domains interleaved
+        from vllm_metasd.smollm2.workload import chat_rows, render
 
-    rows = [p for d in zoo.DOMAINS for p in zoo.load_prompts(d)[: args.prompts_per_domain]]
+        rows = chat_rows(zoo, None, args.prompts_per_domain)
+        rows = [{"domain": r["category"], "prompt": text}
+                for r, text in zip(rows, render(zoo.target_path(), rows))]
+    else:
+        rows = [p for d in zoo.DOMAINS for p in zoo.load_prompts(d)[: args.prompts_per_domain]]
     llm = LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024, seed=0)
     outs = llm.generate([r["prompt"] for r in rows],
                         SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
@@ -435,6 +444,8 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     rec = sub.add_parser("record", help="record a trace through vLLM + HF (needs the zoo)")
     rec.add_argument("--out", type=Path, default=HERE / "results" / "trace.npz")
+    rec.add_argument("--target", choices=("zoo", "smollm2"), default="zoo",
+                     help="smollm2: SmolLM2-135M-Instruct, its drafters and chat prompts")
     rec.add_argument("--prompts-per-domain", type=int, default=16)
     rec.add_argument("--max-tokens", type=int, default=128)
     tun = sub.add_parser("tune", help="replay every policy/parameter over a trace")

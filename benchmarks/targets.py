@@ -16,10 +16,14 @@ def models():
 
 
 def use(target: str):
-    """Select the target for the whole run; returns its model set."""
+    """Select the target for the whole run; returns its model set (SmolLM2's
+    target fetched first if it is not on this machine yet)."""
     global TARGET
     TARGET = target
-    return models()
+    chosen = models()
+    if target == "smollm2":
+        chosen.ensure_target()
+    return chosen
 
 
 def results_path(name: str) -> Path:

@@ -1,0 +1,77 @@
+"""The free arms' drafts made before the choice (evidence.FreeDrafts; no vLLM)."""
+import numpy as np
+
+from vllm_metasd.core import RequestStateStore, StepController, make_policy
+from vllm_metasd.core.draft import Draft
+from vllm_metasd.evidence import FreeDrafts
+
+K = 4
+
+
+class Lookup:
+    """A free arm that proposes [7, 8] for even rows and nothing for odd ones."""
+
+    deterministic = True
+
+    def __init__(self):
+        self.calls = []
+
+    def draft(self, step):
+        self.calls.append(step.rows.tolist())
+        even = step.rows % 2 == 0
+        ids = np.where(even[:, None], np.array([[7, 8, 0, 0]]), 0).astype(np.int32)
+        return Draft(ids, lengths=np.where(even, 2, 0))
+
+
+class LM:
+    deterministic = False
+
+
+def setup(n=4):
+    store = RequestStateStore(make_policy("ucb", 2, beta=1.0))
+    ctl = StepController(store, k=K, objective="throughput", free_arms=[False, True])
+    req_ids = [f"r{i}" for i in range(n)]
+    ctl.begin(req_ids, np.ones(n, dtype=bool))
+    return store, ctl, req_ids
+
+
+def test_free_arms_draft_for_every_active_row_once_before_the_choice():
+    store, ctl, req_ids = setup()
+    lookup, free = Lookup(), FreeDrafts()
+    active = np.array([True, True, False, True])
+    proposed = free.make([LM(), lookup], ["lm", "lookup"], ctl, active,
+                         np.full(4, 10, dtype=np.int32), np.zeros((4, 16), dtype=np.int32),
+                         K, vocab_size=100)
+    assert lookup.calls == [[0, 1, 3]]  # one call, the active rows
+    assert proposed.tolist() == [[0, 2], [0, 0], [0, 0], [0, 0]]
+    ids, lengths = free.draft_for(1, np.array([0, 3]))  # the rows that took it
+    assert ids[0, :2].tolist() == [7, 8] and lengths.tolist() == [2, 0]
+    assert free.draft_for(0, np.array([0])) is None  # a draft LM drafts after the choice
+
+
+def test_unchosen_free_drafts_are_scored_next_step_an_empty_one_for_the_bandit_only():
+    store, ctl, req_ids = setup(2)
+    free = FreeDrafts()
+    free.make([LM(), Lookup()], ["lm", "lookup"], ctl, np.ones(2, dtype=bool),
+              np.full(2, 10, dtype=np.int32), np.zeros((2, 16), dtype=np.int32), K, 100)
+    free.keep_unchosen(np.array([0, 0]), req_ids)  # both rows drafted with the LM
+    for r in req_ids:
+        store.get(r).last_arm = 0
+    verified = np.array([[7, 9, -1, -1, -1], [5, -1, -1, -1, -1]], dtype=np.int32)
+    free.score(ctl, req_ids, verified, np.array([2, 1]))
+    even, odd = store.get("r0"), store.get("r1")
+    assert even.stats.reward_sum[1] == 0.5 and even.gain_sum[1] == 1 and even.gain_count[1] == 1
+    assert odd.stats.reward_count[1] == 1 and odd.stats.reward_sum[1] == 0.0
+    assert odd.gain_count[1] == 0  # no proposal: no sample of what it yields when it proposes
+
+
+def test_a_failing_free_arm_is_no_option_and_counts_a_failure():
+    class Broken(Lookup):
+        def draft(self, step):
+            raise RuntimeError("boom")
+
+    store, ctl, req_ids = setup(2)
+    proposed = FreeDrafts().make([LM(), Broken()], ["lm", "lookup"], ctl, np.ones(2, dtype=bool),
+                                 np.full(2, 10, dtype=np.int32),
+                                 np.zeros((2, 16), dtype=np.int32), K, 100)
+    assert not proposed.any() and ctl.total_failures == [0, 1]
