@@ -113,3 +113,29 @@ def test_small_batches_are_not_gated():
     assert run(gate, 3, 100, spec_rate=60, plain_rate=100) == 100
     assert gate.snapshot() == {}
     assert run(gate, 4, 100, spec_rate=60, plain_rate=100) < 20
+
+
+def test_the_engine_reports_every_speculative_step_but_the_first_after_plain_ones():
+    # The proposer's rule (MetaSDProposer._end_step / _speculate), driven
+    # without an engine: a speculative step right after plain ones pays its
+    # drafters' catch-up on the plain steps' tokens (the gate's own switch) and
+    # is not reported; every other step is, whatever its rows' drafters
+    # caught up on; a step with a prompt probe is not.
+    from vllm_metasd.proposer import MetaSDProposer
+    from vllm_metasd.telemetry import Telemetry
+
+    p = object.__new__(MetaSDProposer)
+    p.gate = SpeculationGate(min_batch=1, warmup=0)
+    p.telemetry = Telemetry(["a"], 0)
+    p._last_step, p._joined = None, False
+    reported = []
+    p.gate.observe = lambda rows, speculated, tokens, seconds: reported.append(speculated)
+    t = 100.0
+    for speculated, probed in ((False, False), (True, False), (True, False), (True, True),
+                               (True, False), (False, False), (True, False)):
+        t += 0.01
+        p._speculate(4, t, 8, True)  # learns from the step before, then decides
+        p._end_step([[]] * 4, speculated=speculated, start=t, probed=probed)
+    # reported: the plain step, the second speculative one, the step after the
+    # probe, the plain one; not the first speculative step after each plain one
+    assert reported == [False, True, True, False]

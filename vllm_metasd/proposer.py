@@ -119,9 +119,9 @@ class MetaSDProposer(DraftModelProposer):
         self._speculating = True
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last step (either kind) ended
-        # The last step for the gate: (rows, speculated, its start, steady: no
-        # drafter caught up on more than one step's tokens); and whether a
-        # request joined the batch since (its prefill is in the step's time)
+        # The last step for the gate: (rows, speculated, its start, steady: not
+        # the first speculative step after plain ones, nor a prompt probe); and
+        # whether a request joined the batch since (its prefill is in the step's time)
         self._last_step: tuple[int, bool, float, bool] | None = None
         self._joined = False
         # Whether this step continues a request of the last one: if not, the
@@ -259,8 +259,7 @@ class MetaSDProposer(DraftModelProposer):
         self.plain_steps += 1
         self._last_draft_probs = None
         self._top = None
-        return self._end_step([[] for _ in range(n)], speculated=False, start=start,
-                              steady=True)
+        return self._end_step([[] for _ in range(n)], speculated=False, start=start)
 
     def propose(self, num_speculative_tokens, target_token_ids, target_positions,
                 target_hidden_states, next_token_ids, token_indices_to_sample,
@@ -316,7 +315,6 @@ class MetaSDProposer(DraftModelProposer):
         if not whole:
             ids = np.zeros((n, k), dtype=np.int64)
             lengths = np.zeros(n, dtype=np.int64)
-        all_steady = not probing  # drafter passes over whole prompts: a catch-up
         for a in chosen:
             rows, arm = groups[a], self.arms[a]
             made = self._free.draft_for(a, rows)  # a free arm's, made before the choice
@@ -333,7 +331,6 @@ class MetaSDProposer(DraftModelProposer):
                     draft = arm.draft(step)
                     steady = arm.deterministic or bool(
                         (seq_lens[rows] - step.starts <= k + 1).all())
-                    all_steady &= steady
                     t = self._charge_draft(t, a, len(rows), forward0, steady)
                     row_ids, row_lens = check_draft(draft, len(rows), k, self.vocab_size,
                                                     need_q=want_q and not arm.deterministic)
@@ -367,15 +364,16 @@ class MetaSDProposer(DraftModelProposer):
         drafts = ([[] for _ in range(n)] if ids is None
                   else [row[:m] for row, m in zip(ids.tolist(), lengths.tolist())])
         tel.add("assemble", t)
-        return self._end_step(drafts, speculated=True, start=start, steady=all_steady)
+        return self._end_step(drafts, speculated=True, start=start, probed=probing)
 
     def _speculate(self, n: int, start: float, tokens: int, every_row: bool) -> bool:
         """The gate's decision for this step, after it learnt from the last one:
         the wall time since the last step's start and the tokens it yielded,
         when no request joined (no prefill in that time; requests that
-        finished only drop out), every row got its tokens and no drafter
-        caught up on missed tokens (a prompt, or the steps it sat out: a cost
-        of switching, not of speculating)."""
+        finished only drop out), every row got its tokens and the step was
+        ``steady`` (not the first speculative step after plain ones, whose
+        drafters catch up on the tokens they missed: a cost of the gate's
+        switching, not of speculating; no prompt probe)."""
         if self.gate is None:
             return True
         if self._last_step is not None and not self._joined:
@@ -385,11 +383,16 @@ class MetaSDProposer(DraftModelProposer):
         return self.gate.speculate(n)
 
     def _end_step(self, drafts: list[list[int]], speculated: bool, start: float,
-                  steady: bool) -> list[list[int]]:
+                  probed: bool = False) -> list[list[int]]:
         """Either kind of step: the periodic log, and what the gate and the
-        target's cost fit time the next step from."""
+        target's cost fit time the next step from. For the gate, a speculative
+        step right after plain ones pays its drafters' catch-up on the plain
+        steps' tokens (the gate's own switch), and a probe passes over whole
+        prompts: neither is what speculating yields (catch-ups of rows that
+        changed drafters are, and are measured)."""
         self.telemetry.maybe_log(self._snapshot)
-        self._last_step = (len(drafts), speculated, start, steady)
+        after_plain = speculated and self._last_step is not None and not self._last_step[1]
+        self._last_step = (len(drafts), speculated, start, not (probed or after_plain))
         self._step_end = time.perf_counter()
         return drafts
 

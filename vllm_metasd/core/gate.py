@@ -23,8 +23,12 @@ plain steps yield one token at a steady time, so ``min_samples`` of them are
 enough; speculative steps vary, so a lead over speculation waits for
 ``4 * min_samples`` of them. A burst, not one step: the first speculative step
 after plain ones catches the drafters up on the tokens they missed, a cost of
-switching, not of speculating, so the caller reports only steady steps and
-the burst's next steps are the ones measured.
+switching, not of speculating, so the caller does not report it and the
+burst's next steps are the ones measured. Every other speculative step is
+reported, catch-ups of rows that changed drafters included: they are what
+speculating with several drafters costs (reporting only steps without any
+catch-up measured speculation at 1.1x plain decoding's rate at batch 16
+where it ran at 0.6x, benchmarks/README.md "Selection").
 Estimates are ratios of exponentially decayed sums (tokens over seconds) with
 a memory of ~50 samples per mode, short enough to follow a workload or a
 machine whose load changes.
