@@ -26,8 +26,9 @@ request's first step and freed by one call. The rules:
   without the exploration bonus; a free arm is offered to a row only when
   it proposes something this step, and is valued at what it yields when it
   does (an empty draft earns its bandit 0, but is no sample of its gain:
-  the choice knows when there is none). With warm start, a new request's estimates start from the finished
-  requests' mean tokens per step with each arm. A pinned arm (policy
+  the choice knows when there is none). With warm start, a new request's
+  estimates start from the finished requests' mean tokens per step with each
+  arm. A pinned arm (policy
   "fixed") is never second-guessed;
 - prompt-informed start (``probed``): a new request's bandit starts with one
   observation per arm, its agreement with the request's own text.
