@@ -281,9 +281,9 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
                 r = a / d if reward == "acceptance" else float(bd[arm, base + t])
                 ctl.observe([rid], [d], [a], [r])
             if objective == "throughput":
-                for f in np.flatnonzero(free).tolist():  # would-be drafts, scored
-                    fd = int(drafted[f, base + t])
-                    m = min(int(acc[f, base + t]), a + 1)
+                for f in np.flatnonzero(free).tolist():  # would-be drafts, scored in full
+                    fd = int(drafted[f, base + t])  # (the engine waits for their tokens)
+                    m = int(acc[f, base + t])
                     ctl.full_information(f, [rid], [m / fd if fd else 0.0], [m], [fd])
             picks.append(arm)
             t, n, a_sum = t + a + 1, n + 1, a_sum + a

@@ -49,20 +49,53 @@ def test_free_arms_draft_for_every_active_row_once_before_the_choice():
     assert free.draft_for(0, np.array([0])) is None  # a draft LM drafts after the choice
 
 
-def test_unchosen_free_drafts_are_scored_next_step_an_empty_one_for_the_bandit_only():
+def test_unchosen_free_drafts_are_scored_once_their_tokens_are_known():
+    # Row 0's lookup proposed [7, 8] at positions 10-11; row 1's proposed
+    # nothing. Both rows drafted with the LM, whose step verified one token:
+    # row 0's draft cannot be scored in full yet (a match so far), row 1's
+    # empty draft scores 0 for its bandit at once (no sample of its gain).
     store, ctl, req_ids = setup(2)
     free = FreeDrafts()
-    free.make([LM(), Lookup()], ["lm", "lookup"], ctl, np.ones(2, dtype=bool),
-              np.full(2, 10, dtype=np.int32), np.zeros((2, 16), dtype=np.int32), K, 100)
-    free.keep_unchosen(np.array([0, 0]), req_ids)  # both rows drafted with the LM
+    seq = np.full(2, 10, dtype=np.int32)
+    tokens = np.zeros((2, 16), dtype=np.int32)
+    free.make([LM(), Lookup()], ["lm", "lookup"], ctl, np.ones(2, dtype=bool), seq, tokens,
+              K, 100)
+    free.keep_unchosen(np.array([0, 0]), req_ids, seq)
     for r in req_ids:
         store.get(r).last_arm = 0
-    verified = np.array([[7, 9, -1, -1, -1], [5, -1, -1, -1, -1]], dtype=np.int32)
-    free.score(ctl, req_ids, verified, np.array([2, 1]))
+    tokens[0, 10], tokens[1, 10] = 7, 5
+    free.score(ctl, req_ids, tokens, np.full(2, 11, dtype=np.int32))
     even, odd = store.get("r0"), store.get("r1")
-    assert even.stats.reward_sum[1] == 0.5 and even.gain_sum[1] == 1 and even.gain_count[1] == 1
+    assert even.stats.reward_count[1] == 0  # waits: only 1 of its 2 positions known
     assert odd.stats.reward_count[1] == 1 and odd.stats.reward_sum[1] == 0.0
     assert odd.gain_count[1] == 0  # no proposal: no sample of what it yields when it proposes
+    # A plain step later (one more token, in a reordered batch): both tokens
+    # match, 2 accepted, scored in full (scored at the first step it could
+    # have matched only the one token verified there).
+    tokens[[0, 1]] = tokens[[1, 0]]
+    tokens[1, 11] = 8
+    free.score(ctl, req_ids[::-1], tokens, np.full(2, 12, dtype=np.int32))
+    assert even.stats.reward_sum[1] == 1.0 and even.gain_sum[1] == 2 and even.gain_count[1] == 1
+    free.score(ctl, req_ids, tokens, np.full(2, 13, dtype=np.int32))  # nothing left pending
+    assert even.stats.reward_count[1] == 1
+
+
+def test_a_mismatch_settles_a_pending_draft_and_a_finished_request_drops_it():
+    store, ctl, req_ids = setup(3)
+    free = FreeDrafts()
+    seq = np.full(3, 10, dtype=np.int32)
+    tokens = np.zeros((3, 16), dtype=np.int32)
+    free.make([LM(), Lookup()], ["lm", "lookup"], ctl, np.ones(3, dtype=bool), seq, tokens,
+              K, 100)
+    free.keep_unchosen(np.array([0, 0, 0]), req_ids, seq)
+    for r in req_ids:
+        store.get(r).last_arm = 0
+    tokens[0, 10] = 6  # row 0's draft [7, 8] misses its first token: final, 0 accepted
+    ctl.finished("r2")  # row 2's request (its draft [7, 8] pending) is gone
+    free.score(ctl, req_ids[:2], tokens[:2], np.full(2, 11, dtype=np.int32))
+    assert store.get("r0").stats.reward_count[1] == 1 and store.get("r0").gain_sum[1] == 0
+    assert store.get("r0").gain_count[1] == 1
+    assert free._pending == []  # nothing waits for the finished request
 
 
 def test_a_failing_free_arm_is_no_option_and_counts_a_failure():

@@ -7,7 +7,8 @@ One engine step, top to bottom:
    request's alignment reward -> its bandit (``core.controller``);
 3. ``start_step`` (the model-runner patch, where vLLM would prepare its
    drafter's inputs): this step's new tokens join the runner's token buffer;
-   the n-gram arm's would-be drafts of the last step are scored on them;
+   the n-gram arm's drafts for rows that did not take it are scored once
+   the tokens at their positions are known;
    under the throughput objective the speculation gate (``core.gate``)
    decides from measured tokens/s whether this step speculates at all (if
    not: no drafts, nothing below runs);
@@ -247,7 +248,7 @@ class MetaSDProposer(DraftModelProposer):
         valid, seq_lens, tokens, empty = take_verified(
             sampled, discard, self.vocab_size, batch.num_tokens_no_spec, batch.token_ids_cpu)
         self._step = (start, n, seq_lens, valid)
-        self._free.score(self.controller, batch.req_ids[:n], sampled, valid)
+        self._free.score(self.controller, batch.req_ids[:n], batch.token_ids_cpu, seq_lens)
         self._speculating = self._speculate(n, start, tokens, empty == 0)
         self.telemetry.add("inputs", t)
         return self._speculating
@@ -358,7 +359,7 @@ class MetaSDProposer(DraftModelProposer):
             t = tel.add("assemble", t)
 
         if proposed is not None:
-            self._free.keep_unchosen(arms, req_ids)
+            self._free.keep_unchosen(arms, req_ids, seq_lens)
         self._last_draft_probs = q
         self._top = None if top is None else (list(req_ids), top)
         drafts = ([[] for _ in range(n)] if ids is None
