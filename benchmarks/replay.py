@@ -108,11 +108,10 @@ def record(args) -> None:
 
     zoo = targets.use(args.target)
     if args.target == "smollm2":  # chat requests, domains interleaved
-        from vllm_metasd.smollm2.workload import chat_rows, render
+        from vllm_metasd.smollm2.workload import chat_workload
 
-        rows = chat_rows(zoo, None, args.prompts_per_domain)
-        rows = [{"domain": r["category"], "prompt": text}
-                for r, text in zip(rows, render(zoo.target_path(), rows))]
+        rows = [{"domain": c, "prompt": text}
+                for text, c in zip(*chat_workload(zoo, None, args.prompts_per_domain))]
     else:
         rows = [p for d in zoo.DOMAINS for p in zoo.load_prompts(d)[: args.prompts_per_domain]]
     llm = LLM(model=zoo.target_path(), enforce_eager=True, max_model_len=1024, seed=0)

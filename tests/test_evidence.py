@@ -35,6 +35,21 @@ def setup(n=4):
     return store, ctl, req_ids
 
 
+def lm_step_with_pending_lookup_drafts(n):
+    """n rows at 10 known tokens; the lookup drafted for all of them (even
+    rows [7, 8], odd rows nothing) and every row took the LM."""
+    store, ctl, req_ids = setup(n)
+    free = FreeDrafts()
+    seq = np.full(n, 10, dtype=np.int32)
+    tokens = np.zeros((n, 16), dtype=np.int32)
+    free.make([LM(), Lookup()], ["lm", "lookup"], ctl, np.ones(n, dtype=bool), seq, tokens,
+              K, 100)
+    free.keep_unchosen(np.zeros(n, dtype=np.int64), req_ids, seq)
+    for r in req_ids:
+        store.get(r).last_arm = 0
+    return store, ctl, req_ids, free, tokens
+
+
 def test_free_arms_draft_for_every_active_row_once_before_the_choice():
     store, ctl, req_ids = setup()
     lookup, free = Lookup(), FreeDrafts()
@@ -54,15 +69,7 @@ def test_unchosen_free_drafts_are_scored_once_their_tokens_are_known():
     # nothing. Both rows drafted with the LM, whose step verified one token:
     # row 0's draft cannot be scored in full yet (a match so far), row 1's
     # empty draft scores 0 for its bandit at once (no sample of its gain).
-    store, ctl, req_ids = setup(2)
-    free = FreeDrafts()
-    seq = np.full(2, 10, dtype=np.int32)
-    tokens = np.zeros((2, 16), dtype=np.int32)
-    free.make([LM(), Lookup()], ["lm", "lookup"], ctl, np.ones(2, dtype=bool), seq, tokens,
-              K, 100)
-    free.keep_unchosen(np.array([0, 0]), req_ids, seq)
-    for r in req_ids:
-        store.get(r).last_arm = 0
+    store, ctl, req_ids, free, tokens = lm_step_with_pending_lookup_drafts(2)
     tokens[0, 10], tokens[1, 10] = 7, 5
     free.score(ctl, req_ids, tokens, np.full(2, 11, dtype=np.int32))
     even, odd = store.get("r0"), store.get("r1")
@@ -81,15 +88,7 @@ def test_unchosen_free_drafts_are_scored_once_their_tokens_are_known():
 
 
 def test_a_mismatch_settles_a_pending_draft_and_a_finished_request_drops_it():
-    store, ctl, req_ids = setup(3)
-    free = FreeDrafts()
-    seq = np.full(3, 10, dtype=np.int32)
-    tokens = np.zeros((3, 16), dtype=np.int32)
-    free.make([LM(), Lookup()], ["lm", "lookup"], ctl, np.ones(3, dtype=bool), seq, tokens,
-              K, 100)
-    free.keep_unchosen(np.array([0, 0, 0]), req_ids, seq)
-    for r in req_ids:
-        store.get(r).last_arm = 0
+    store, ctl, req_ids, free, tokens = lm_step_with_pending_lookup_drafts(3)
     tokens[0, 10] = 6  # row 0's draft [7, 8] misses its first token: final, 0 accepted
     ctl.finished("r2")  # row 2's request (its draft [7, 8] pending) is gone
     free.score(ctl, req_ids[:2], tokens[:2], np.full(2, 11, dtype=np.int32))

@@ -50,8 +50,8 @@ class FreeDrafts:
         i64 = np.ones(1, dtype=np.int64)
         matched_known(one, i64, i64 - 1, i64 - 1, one, np.ones(1, dtype=np.int32))
         self._made = {}  # free arm -> (its rows, draft ids, lengths), this step's
-        # drafts of rows that did not take them, until scored: per free arm
-        # (arm, request ids, position of the first drafted token, ids, lengths)
+        # drafts of rows that did not take them, until scored: entries of
+        # (free arm, request ids, position of the first drafted token, ids, lengths)
         self._pending = []
 
     def make(self, arms: list, names: list[str], controller: StepController,
@@ -119,7 +119,6 @@ class FreeDrafts:
         if not pending:
             return
         row_of = {r: i for i, r in enumerate(req_ids)}
-        kept: dict[int, list] = {}
         for a, who, starts, ids, lengths in pending:
             rows = np.array([row_of.get(r, -1) for r in who], dtype=np.int64)
             matched, final = matched_known(ids, lengths, rows, starts, token_ids, seq_lens)
@@ -131,12 +130,9 @@ class FreeDrafts:
                     (m / np.maximum(lengths[done], 1)).tolist(), m.tolist(),
                     lengths[done].tolist())
             wait = np.flatnonzero(~final & (rows >= 0))
-            if len(wait):
-                kept.setdefault(a, []).append(([who[i] for i in wait.tolist()], starts[wait],
-                                               ids[wait], lengths[wait]))
-        for a, parts in kept.items():  # one entry per arm
-            self._pending.append((a, [r for p in parts for r in p[0]],
-                                  *(np.concatenate([p[j] for p in parts]) for j in (1, 2, 3))))
+            if len(wait):  # resolved within k of its request's steps: few entries per arm
+                self._pending.append((a, [who[i] for i in wait.tolist()], starts[wait],
+                                      ids[wait], lengths[wait]))
 
 
 @njit(cache=True)
