@@ -4,15 +4,16 @@ import pytest
 from vllm_metasd.core.gate import SpeculationGate
 
 
-def run(gate, batch_size, steps, spec_rate, plain_rate):
+def run(gate, batch_size, steps, spec_rate, plain_rate, cohort=False):
     """``steps`` decisions at one batch size, each observed at the mode's rate;
     returns how many speculated."""
     spec = 0
     for _ in range(steps):
-        s = gate.speculate(batch_size)
+        s = gate.speculate(batch_size, cohort)
         spec += s
         rate = spec_rate if s else plain_rate
-        gate.observe(batch_size, s, tokens=batch_size * 2, seconds=batch_size * 2 / rate)
+        gate.observe(batch_size, s, tokens=batch_size * 2, seconds=batch_size * 2 / rate,
+                     cohort=cohort)
     return spec
 
 
@@ -76,6 +77,19 @@ def test_batch_sizes_are_judged_apart():
     assert snap["16-31"]["plain_samples"] + snap["16-31"]["spec_samples"] == 210
 
 
+def test_a_cohort_is_judged_apart():
+    """The same batch size in a cohort (measured by its least-advanced
+    request) and not: each decided by its own measurements."""
+    gate = SpeculationGate(min_batch=1, explore_every=20, min_samples=2, warmup=0)
+    assert run(gate, 16, 200, spec_rate=1500, plain_rate=1200) > 170
+    assert run(gate, 16, 200, spec_rate=700, plain_rate=1200, cohort=True) < 30
+    assert run(gate, 16, 50, spec_rate=1500, plain_rate=1200) > 40
+    assert gate.rate(16, cohort=True)[1] == pytest.approx(700.0)
+    snap = gate.snapshot()
+    assert list(snap) == ["16-31", "16-31 cohort"]
+    assert snap["16-31"]["spec_tokens_per_s"] == pytest.approx(1500.0, rel=1e-3)
+
+
 def test_follows_a_change_in_the_machine_or_workload():
     gate = SpeculationGate(min_batch=1, explore_every=8, min_samples=2, warmup=0, decay=0.9)
     assert run(gate, 4, 100, spec_rate=300, plain_rate=200) > 80
@@ -115,27 +129,52 @@ def test_small_batches_are_not_gated():
     assert run(gate, 4, 100, spec_rate=60, plain_rate=100) < 20
 
 
-def test_the_engine_reports_every_speculative_step_but_the_first_after_plain_ones():
-    # The proposer's rule (MetaSDProposer._end_step / _speculate), driven
-    # without an engine: a speculative step right after plain ones pays its
-    # drafters' catch-up on the plain steps' tokens (the gate's own switch) and
-    # is not reported; every other step is, whatever its rows' drafters
-    # caught up on; a step with a prompt probe is not.
+def proposer_without_engine():
     from vllm_metasd.proposer import MetaSDProposer
     from vllm_metasd.telemetry import Telemetry
 
     p = object.__new__(MetaSDProposer)
     p.gate = SpeculationGate(min_batch=1, warmup=0)
     p.telemetry = Telemetry(["a"], 0)
-    p._last_step, p._joined = None, False
+    p._last_step, p._joined, p._cohort, p._least = None, False, False, 0
+    return p
+
+
+def test_the_engine_reports_every_speculative_step_but_the_first_after_plain_ones():
+    # The proposer's rule (MetaSDProposer._end_step / _speculate), driven
+    # without an engine: a speculative step right after plain ones pays its
+    # drafters' catch-up on the plain steps' tokens (the gate's own switch) and
+    # is not reported; every other step is, whatever its rows' drafters
+    # caught up on; a step with a prompt probe is not.
+    p = proposer_without_engine()
     reported = []
-    p.gate.observe = lambda rows, speculated, tokens, seconds: reported.append(speculated)
+    p.gate.observe = lambda rows, speculated, tokens, seconds, cohort: reported.append(speculated)
     t = 100.0
     for speculated, probed in ((False, False), (True, False), (True, False), (True, True),
                                (True, False), (False, False), (True, False)):
         t += 0.01
-        p._speculate(4, t, 8, True)  # learns from the step before, then decides
+        p._speculate(4, t, 8, True, 0)  # learns from the step before, then decides
         p._end_step([[]] * 4, speculated=speculated, start=t, probed=probed)
     # reported: the plain step, the second speculative one, the step after the
     # probe, the plain one; not the first speculative step after each plain one
     assert reported == [False, True, True, False]
+
+
+def test_a_cohorts_step_yields_its_rows_times_its_least_advanced_requests_tokens():
+    """In a cohort, a speculative step that gave 4 rows 1+3+3+3 tokens moved
+    the batch's end one token closer: 4 tokens for the gate, not 10 (outside a
+    cohort: its 10 tokens)."""
+    reported = []
+    for cohort in (True, False):
+        p = proposer_without_engine()
+        p.gate.observe = lambda rows, speculated, tokens, seconds, cohort: reported.append(
+            (tokens, cohort))
+        p._cohort = cohort
+        t, least = 100.0, 5
+        for tokens, advanced in ((4, 1), (10, 1), (10, 3), (12, 3)):  # (all rows', least's)
+            t += 0.01
+            least += advanced
+            p._speculate(4, t, tokens, True, least)
+            p._end_step([[1]] * 4, speculated=True, start=t)
+    assert reported == [(4, True), (12, True), (12, True), (10, False), (10, False),
+                        (12, False)]

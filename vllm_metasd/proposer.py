@@ -60,18 +60,21 @@ IDLE_GAP_S = 2.0
 
 
 @njit(cache=True)
-def take_verified(sampled, discard, vocab_size, num_tokens, token_ids):
+def take_verified(sampled, discard, vocab_size, num_tokens, token_ids, num_prompt_tokens):
     """This step's verified tokens ``sampled`` [n, k+1]: their count per row,
     as vLLM's ``prepare_next_token_ids_padded`` counts them (ids in [0, vocab);
     none for a row whose sample is discarded, a partial prefill), written into
     the runner's token buffer right after each row's ``num_tokens`` known ones
     (vLLM's bookkeeping writes the same values there later), so every arm
     reads the whole history in place. Returns (count, tokens known) per row,
-    and the step's tokens and rows that got none (the gate's sample)."""
+    the step's tokens and rows that got none (the gate's sample), and the
+    fewest and most output tokens of a row (the fewest: of rows that got
+    tokens; for the gate's cohort measure)."""
     n = sampled.shape[0]
     valid = np.zeros(n, dtype=np.int64)
     seq_lens = np.empty(n, dtype=np.int32)
     total = empty = 0
+    least, most = 1 << 62, 0
     for i in range(n):
         if not discard[i]:
             for j in range(sampled.shape[1]):
@@ -82,7 +85,11 @@ def take_verified(sampled, discard, vocab_size, num_tokens, token_ids):
         seq_lens[i] = num_tokens[i] + valid[i]
         total += valid[i]
         empty += valid[i] == 0
-    return valid, seq_lens, total, empty
+        out = seq_lens[i] - num_prompt_tokens[i]
+        most = max(most, out)
+        if valid[i] > 0:
+            least = min(least, out)
+    return valid, seq_lens, total, empty, least, most
 
 
 class MetaSDProposer(DraftModelProposer):
@@ -121,10 +128,16 @@ class MetaSDProposer(DraftModelProposer):
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last step (either kind) ended
         # The last step for the gate: (rows, speculated, its start, steady: not
-        # the first speculative step after plain ones, nor a prompt probe); and
-        # whether a request joined the batch since (its prefill is in the step's time)
-        self._last_step: tuple[int, bool, float, bool] | None = None
+        # the first speculative step after plain ones, nor a prompt probe,
+        # cohort, the fewest output tokens of a row then); and whether a
+        # request joined the batch since (its prefill is in the step's time)
+        self._last_step: tuple[int, bool, float, bool, bool, int] | None = None
         self._joined = False
+        # Whether the batch is a cohort (its requests all started within two
+        # steps, none joined since: core.gate; an offline generate's requests
+        # reach the engine one by one) and this step's fewest output tokens
+        self._cohort = False
+        self._least = 0
         # Whether this step continues a request of the last one: if not, the
         # engine may have sat idle before it (no request), and the time since
         # the last step is not the target's
@@ -132,7 +145,7 @@ class MetaSDProposer(DraftModelProposer):
         self.plain_steps = 0  # steps the gate ran without speculation
         self._free = FreeDrafts()  # n-gram drafts, made before the choice (throughput)
         one = np.zeros((1, 1), dtype=np.int32)  # compile now, with the engine's types
-        take_verified(one, np.zeros(1, dtype=bool), 1, one[0], one)
+        take_verified(one, np.zeros(1, dtype=bool), 1, one[0], one, one[0])
         compile_kernels()  # the verification's (core.rewards)
         self._top = None  # (req ids, q at top tokens) of the last greedy step, for its BD
         logger.info("MetaSD: %d drafters %s, k=%d, policy=%s, reward=%s", len(self.arms),
@@ -245,11 +258,14 @@ class MetaSDProposer(DraftModelProposer):
         batch = self.runner.input_batch
         n = batch.num_reqs
         sampled = sampled_token_ids[:n].cpu().numpy()
-        valid, seq_lens, tokens, empty = take_verified(
-            sampled, discard, self.vocab_size, batch.num_tokens_no_spec, batch.token_ids_cpu)
+        valid, seq_lens, tokens, empty, least, most = take_verified(
+            sampled, discard, self.vocab_size, batch.num_tokens_no_spec, batch.token_ids_cpu,
+            batch.num_prompt_tokens)
         self._step = (start, n, seq_lens, valid)
+        if self._joined:  # a cohort if no request is past its first two steps
+            self._cohort = most <= 2 * (self.k + 1)
         self._free.score(self.controller, batch.req_ids[:n], batch.token_ids_cpu, seq_lens)
-        self._speculating = self._speculate(n, start, tokens, empty == 0)
+        self._speculating = self._speculate(n, start, tokens, empty == 0, least)
         self.telemetry.add("inputs", t)
         return self._speculating
 
@@ -367,21 +383,27 @@ class MetaSDProposer(DraftModelProposer):
         tel.add("assemble", t)
         return self._end_step(drafts, speculated=True, start=start, probed=probing)
 
-    def _speculate(self, n: int, start: float, tokens: int, every_row: bool) -> bool:
+    def _speculate(self, n: int, start: float, tokens: int, every_row: bool,
+                   least: int) -> bool:
         """The gate's decision for this step, after it learnt from the last one:
         the wall time since the last step's start and the tokens it yielded,
         when no request joined (no prefill in that time; requests that
         finished only drop out), every row got its tokens and the step was
         ``steady`` (not the first speculative step after plain ones, whose
         drafters catch up on the tokens they missed: a cost of the gate's
-        switching, not of speculating; no prompt probe)."""
+        switching, not of speculating; no prompt probe). A cohort's step
+        yielded its rows times how far its least-advanced request advanced
+        (``least``: this step's fewest output tokens of a row)."""
         if self.gate is None:
             return True
         if self._last_step is not None and not self._joined:
-            rows, speculated, t0, steady = self._last_step
-            if steady and start - t0 < IDLE_GAP_S and every_row:
-                self.gate.observe(rows, speculated, tokens, start - t0)
-        return self.gate.speculate(n)
+            rows, speculated, t0, steady, cohort, least0 = self._last_step
+            if cohort:
+                tokens = rows * (least - least0)
+            if steady and start - t0 < IDLE_GAP_S and every_row and tokens >= 0:
+                self.gate.observe(rows, speculated, tokens, start - t0, cohort)
+        self._least = least
+        return self.gate.speculate(n, self._cohort)
 
     def _end_step(self, drafts: list[list[int]], speculated: bool, start: float,
                   probed: bool = False) -> list[list[int]]:
@@ -393,7 +415,8 @@ class MetaSDProposer(DraftModelProposer):
         changed drafters are, and are measured)."""
         self.telemetry.maybe_log(self._snapshot)
         after_plain = speculated and self._last_step is not None and not self._last_step[1]
-        self._last_step = (len(drafts), speculated, start, not (probed or after_plain))
+        self._last_step = (len(drafts), speculated, start, not (probed or after_plain),
+                           self._cohort, self._least)
         self._step_end = time.perf_counter()
         return drafts
 
