@@ -4,6 +4,8 @@
 
 Batches below 4 rows are not gated (``core.gate``): the prompts run in
 batches of ``--batch`` (the last steps of each, as requests finish, go below).
+Each batch is a cohort (its requests start together, none joins later): the
+gate judges it by how far its least-advanced request advances.
 
 Prints one character per decision (``s``: speculate, ``p``: plain) with the
 measured tokens/s of each step the gate learnt from (``(..)`` speculative,
@@ -26,14 +28,14 @@ def trace(worker) -> bool:
     log: list[str] = []
     speculate, observe = gate.speculate, gate.observe
 
-    def traced_speculate(batch_size):
-        decision = speculate(batch_size)
+    def traced_speculate(batch_size, cohort=False):
+        decision = speculate(batch_size, cohort)
         log.append("s" if decision else "p")
         return decision
 
-    def traced_observe(batch_size, speculated, tokens, seconds):
+    def traced_observe(batch_size, speculated, tokens, seconds, cohort=False):
         log.append(f"({tokens / seconds:.0f})" if speculated else f"[{tokens / seconds:.0f}]")
-        return observe(batch_size, speculated, tokens, seconds)
+        return observe(batch_size, speculated, tokens, seconds, cohort)
 
     gate.speculate, gate.observe = traced_speculate, traced_observe
     worker.metasd_gate_log = log

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 def never_speculate(worker) -> bool:
     """Runs in the worker: the MetaSD proposer's gate answers "no" every step."""
-    worker.model_runner.drafter.gate.speculate = lambda batch_size: False
+    worker.model_runner.drafter.gate.speculate = lambda batch_size, cohort=False: False
     return True
 
 
