@@ -86,6 +86,18 @@ def test_linear_cost_recovers_fixed_and_slope():
     assert fixed == pytest.approx(2e-3, rel=1e-3) and slope == pytest.approx(1e-4, rel=1e-3)
 
 
+def test_linear_cost_with_no_slope_is_all_fixed_and_one_size_is_split_evenly():
+    # several sizes at one time: verifying more tokens costs nothing more (not
+    # half the step per token, as when only one size has been seen)
+    c = LinearCost()
+    for n in (1, 5) * 10:
+        c.add(n, 3e-3)
+    assert c.fit() == pytest.approx((3e-3, 0.0))
+    one = LinearCost()
+    one.add(4, 2e-3)
+    assert one.fit() == pytest.approx((1e-3, 2.5e-4))
+
+
 def test_controller_switches_to_throughput_once_costs_are_measured():
     store = RequestStateStore(make_policy("ucb", 2, beta=1.0))
     ctl = StepController(store, k=K, objective="throughput", free_arms=[False, True])

@@ -226,7 +226,9 @@ class LinearCost:
         w, x, y, xx, xy = self.s
         mx, my = x / w, y / w
         var = xx / w - mx * mx
-        slope = max((xy / w - mx * my) / var, 0.0) if var > 1e-9 * max(mx * mx, 1.0) else 0.0
-        if slope == 0.0 and mx > 0:  # one batch size seen so far: split evenly
+        if var > 1e-9 * max(mx * mx, 1.0):
+            slope = max((xy / w - mx * my) / var, 0.0)
+            return max(my - slope * mx, 0.0), slope
+        if mx > 0:  # one batch size seen so far: split evenly
             return my / 2, my / (2 * mx)
-        return max(my - slope * mx, 0.0), slope
+        return my, 0.0
