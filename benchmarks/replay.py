@@ -217,8 +217,7 @@ def pool(trace: dict, arms: list[str]) -> dict:
 
 def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
            warm_start: bool = False, keep_choices: bool = False, probe: bool = False,
-           objective: str = "alignment", times: StepTimes | None = None,
-           prior_strength: str = "spread") -> dict:
+           objective: str = "alignment", times: StepTimes | None = None) -> dict:
     """Run ``policy`` (a metasd.json policy object) over the trace's prompts in
     order, through the engine's own step controller: one bandit per prompt, as
     MetaSD keeps one per request (and, with ``warm_start``, a prior learned
@@ -244,7 +243,7 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
     params = {k: v for k, v in policy.items() if k != "name"}
     ctl = StepController(RequestStateStore(
         make_policy(policy["name"], n_arms, seed=seed, **params), warm_start=warm_start,
-        prompt_probe=probe, prior_strength=prior_strength),
+        prompt_probe=probe),
         k=K, objective=objective, free_arms=free, beta=float(params.get("beta", 0.1)))
     one, row = np.array([True]), np.array([0])
     steps, accepted, seconds, choices = [], [], [], []

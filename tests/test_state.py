@@ -123,27 +123,6 @@ def test_warm_start_seeds_token_estimates_from_real_gains_only():
     assert cold.gain_count.tolist() == [0.0, 0.0]
 
 
-def test_a_prior_is_worth_more_for_an_arm_that_yields_alike_for_every_request():
-    """Empirical Bayes prior strength: arm 0 yields the same for every request
-    (0 or 2 tokens a step, 1 on average), arm 1 depends on the request (0 or
-    3 every step): a new request trusts the population's mean of arm 0 (the
-    upper clip) and hardly that of arm 1 (the lower)."""
-    store = RequestStateStore(UCBPolicy(2), warm_start=True, prior_pseudo_count=2,
-                              prior_strength="spread")
-    for i in range(8):
-        s = store.get_or_create(f"r{i}")
-        if i < 3:  # before min_requests (4): the fixed pseudo count
-            assert s.gain_count.tolist() == ([2.0, 2.0] if i else [0.0, 0.0])
-        for step in range(10):
-            s.observe_gain(0, 2.0 * (step % 2))
-            s.observe_gain(1, 3.0 * (i % 2))
-        store.free(f"r{i}")
-    fresh = store.get_or_create("new")
-    assert fresh.gain_count.tolist() == pytest.approx([32.0, 1.0])
-    assert fresh.gain_sum.tolist() == pytest.approx([32.0, 1.5])
-    assert fresh.bandit.counts == pytest.approx([0.0, 0.0])  # no reward seen: no bandit prior
-
-
 def test_arm_names_must_match_arms():
     with pytest.raises(ValueError, match="3 arm names for 2 arms"):
         RequestStateStore(UCBPolicy(2), ["a", "b", "c"])

@@ -368,16 +368,13 @@ class GlobalPrior:
                 self.sums[arm] += m
                 self.counts[arm] += 1
 
-    def prior(self, pseudo_count: float | Sequence[float] = 2.0) -> ArmPrior | None:
-        """Each observed arm's mean worth ``pseudo_count`` pulls (one number, or
-        one per arm); None before any observation. Arms never observed get 0
-        pseudo-pulls (explored normally)."""
+    def prior(self, pseudo_count: float = 2.0) -> ArmPrior | None:
+        """Each observed arm's mean worth ``pseudo_count`` pulls; None before any
+        observation. Arms never observed get 0 pseudo-pulls (explored normally)."""
         if not any(self.counts):
             return None
-        if isinstance(pseudo_count, (int, float)):
-            pseudo_count = [pseudo_count] * len(self.counts)
         means = [s / c if c else 0.0 for s, c in zip(self.sums, self.counts)]
-        return ArmPrior(means, [float(p) if c else 0.0 for p, c in zip(pseudo_count, self.counts)])
+        return ArmPrior(means, [float(pseudo_count) if c else 0.0 for c in self.counts])
 
 
 def benchmark(num_arms: int = 6, rounds: int = 20_000) -> dict[str, float]:

@@ -64,73 +64,26 @@ class RequestState:
     gain_count: np.ndarray | None = None
     # Of which the warm start's pseudo-observations (sum, count), not this request's
     gain_prior: tuple[np.ndarray, np.ndarray] | None = None
-    gain_sq: np.ndarray | None = None  # per arm: sum of squared observations (this request's)
-
-    def own_gains(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per arm: this request's sum and count of gain observations (the warm
-        start's pseudo-observations left out)."""
-        if self.gain_prior is None:
-            return self.gain_sum, self.gain_count
-        return self.gain_sum - self.gain_prior[0], self.gain_count - self.gain_prior[1]
 
     def mean_gains(self) -> np.ndarray:
         """Per arm: this request's mean tokens per step beyond the target's
-        (NaN: not observed)."""
-        total, count = self.own_gains()
+        (NaN: not observed; the warm start's pseudo-observations left out)."""
+        total, count = self.gain_sum, self.gain_count
+        if self.gain_prior is not None:
+            total, count = total - self.gain_prior[0], count - self.gain_prior[1]
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(count > 0, total / count, np.nan)
 
     def observe_gain(self, arm: int, accepted: float) -> None:
         self.gain_sum[arm] += accepted
         self.gain_count[arm] += 1
-        self.gain_sq[arm] += accepted * accepted
-
-
-class PriorStrength:
-    """How many observations the finished requests' mean of an arm is worth to
-    a new request (empirical Bayes): the variance of one step's gain within a
-    request over the variance of the requests' own means (sigma^2 / tau^2,
-    each estimated from the finished requests that observed the arm at least
-    twice; tau^2 net of the noise of their means). An arm that yields about
-    the same for every request gets a strong prior, so a new request does not
-    try it again to learn what every request before it learnt; an arm whose
-    yield depends on the request (a domain specialist) a weak one. Clipped to
-    [``lo``, ``hi``]; ``default`` until ``min_requests`` requests observed the arm."""
-
-    def __init__(self, num_arms: int, default: float, lo: float = 1.0, hi: float = 32.0,
-                 min_requests: int = 4):
-        self.default, self.lo, self.hi, self.min_requests = default, lo, hi, min_requests
-        # per arm: requests, sum of means, of squared means, of variances of the mean, of variances
-        self.sums = np.zeros((5, num_arms))
-
-    def observe(self, total: np.ndarray, squares: np.ndarray, count: np.ndarray) -> None:
-        """One finished request's per-arm sum, sum of squares and count of gains."""
-        seen = count >= 2
-        n = np.where(seen, count, 2.0)
-        mean = total / n
-        var = np.maximum(squares - n * mean * mean, 0.0) / (n - 1.0)
-        self.sums += np.where(seen, np.stack([np.ones_like(mean), mean, mean * mean,
-                                              var / n, var]), 0.0)
-
-    def counts(self) -> np.ndarray:
-        r, m, mm, var_mean, var = self.sums
-        known = r >= self.min_requests
-        r = np.where(known, r, 2.0)
-        between = (mm - m * m / r) / (r - 1.0)  # the requests' means' sample variance
-        tau2 = np.maximum(between - var_mean / r, 1e-6)
-        return np.where(known, np.clip(var / r / tau2, self.lo, self.hi), self.default)
 
 
 class RequestStateStore:
     """``arm_names`` label the snapshot; ``warm_start`` starts each new
     request's bandit from the finished requests' per-arm mean rewards, and its
     tokens-per-step estimates (the throughput objective's) from their per-arm
-    mean gains, each worth as many observations as ``PriorStrength`` finds
-    (``prior_strength`` "spread"; ``prior_pseudo_count`` until it knows, and
-    always with "fixed"). With the fixed count a new request still tried
-    every draft LM where all of them lose on every request (SmolLM2's target,
-    replay: 0.91x vs 0.94x the n-gram arm alone; the zoo: 1.219x vs 1.224x
-    the best single drafter).
+    mean gains, each worth ``prior_pseudo_count`` observations.
 
     With ``prompt_probe`` a new request starts from its own prompt's evidence
     (``StepController.probed``) and the warm start's prior is not applied: the
@@ -141,7 +94,7 @@ class RequestStateStore:
 
     def __init__(self, policy: Policy, arm_names: list[str] | None = None,
                  warm_start: bool = False, prior_pseudo_count: float = 2.0,
-                 prompt_probe: bool = False, prior_strength: str = "spread"):
+                 prompt_probe: bool = False):
         self.policy = policy
         n = policy.num_arms
         self.arm_names = list(arm_names) if arm_names else [str(i) for i in range(n)]
@@ -151,8 +104,6 @@ class RequestStateStore:
         self.prior_pseudo_count = prior_pseudo_count
         self.global_prior = GlobalPrior(n)
         self.gain_prior = GlobalPrior(n)
-        self.strength = (PriorStrength(n, prior_pseudo_count) if prior_strength == "spread"
-                         else None)
         self.totals = DrafterStats.zeros(n)
         self._states: dict[str, RequestState] = {}
         self._created = 0  # state seed: reproducible, distinct per request
@@ -175,14 +126,12 @@ class RequestStateStore:
         if state is None:
             prior = gains = None
             if self.warm_start:
-                strength = (self.prior_pseudo_count if self.strength is None
-                            else self.strength.counts().tolist())
-                prior = self.global_prior.prior(strength)
-                gains = self.gain_prior.prior(strength)
+                prior = self.global_prior.prior(self.prior_pseudo_count)
+                gains = self.gain_prior.prior(self.prior_pseudo_count)
             n = self.policy.num_arms
             state = RequestState(self.policy.new_state(prior, state_seed=self._created),
                                  DrafterStats.zeros(n), gain_sum=np.zeros(n),
-                                 gain_count=np.zeros(n), gain_sq=np.zeros(n))
+                                 gain_count=np.zeros(n))
             if gains is not None:
                 counts = np.array(gains.counts)
                 state.gain_prior = (np.array(gains.means) * counts, counts)
@@ -225,9 +174,6 @@ class RequestStateStore:
         if state is not None and self.warm_start:
             self.global_prior.observe(state.stats.mean_rewards())
             self.gain_prior.observe(state.mean_gains())
-            if self.strength is not None:
-                total, count = state.own_gains()
-                self.strength.observe(total, state.gain_sq, count)
         return state
 
     def free_missing(self, live_ids: set[str]) -> list[str]:
