@@ -49,8 +49,9 @@ rows (plain: every row one token, the same as its tokens). Tokens a
 speculative step gives the requests already ahead do not bring the end
 closer: they finish sooner and the rest run in smaller, less efficient
 batches (measured at batch 16: speculative steps yielded 1.25x plain's tokens
-per second, yet the batch took 1.22x plain decoding's time). The proposer
-says which steps belong to a cohort and credits them so.
+per second, yet the batches took 1.22x plain decoding's time;
+benchmarks/README.md "Selection"). The proposer says which steps belong to a
+cohort and credits them so.
 """
 from __future__ import annotations
 
