@@ -128,14 +128,15 @@ class MetaSDProposer(DraftModelProposer):
         self._q: torch.Tensor | None = None  # draft probabilities, allocated once, grown
         self._step_end: float | None = None  # when the last step (either kind) ended
         # The last step for the gate: (rows, speculated, its start, steady: not
-        # the first speculative step after plain ones, nor a prompt probe,
-        # cohort, the fewest output tokens of a row then); and whether a
-        # request joined the batch since (its prefill is in the step's time)
-        self._last_step: tuple[int, bool, float, bool, bool, int] | None = None
+        # the first speculative step after plain ones, nor a prompt probe); and
+        # whether a request joined the batch since (its prefill is in the step's time)
+        self._last_step: tuple[int, bool, float, bool] | None = None
         self._joined = False
         # Whether the batch is a cohort (its requests all started within two
         # steps, none joined since: core.gate; an offline generate's requests
-        # reach the engine one by one) and this step's fewest output tokens
+        # reach the engine one by one; it changes only on a step a request
+        # joined, which the gate does not learn from) and the last step's
+        # fewest output tokens of a row
         self._cohort = False
         self._least = 0
         # Whether this step continues a request of the last one: if not, the
@@ -397,11 +398,11 @@ class MetaSDProposer(DraftModelProposer):
         if self.gate is None:
             return True
         if self._last_step is not None and not self._joined:
-            rows, speculated, t0, steady, cohort, least0 = self._last_step
-            if cohort:
-                tokens = rows * (least - least0)
+            rows, speculated, t0, steady = self._last_step
+            if self._cohort:
+                tokens = rows * (least - self._least)
             if steady and start - t0 < IDLE_GAP_S and every_row and tokens >= 0:
-                self.gate.observe(rows, speculated, tokens, start - t0, cohort)
+                self.gate.observe(rows, speculated, tokens, start - t0, self._cohort)
         self._least = least
         return self.gate.speculate(n, self._cohort)
 
@@ -415,8 +416,7 @@ class MetaSDProposer(DraftModelProposer):
         changed drafters are, and are measured)."""
         self.telemetry.maybe_log(self._snapshot)
         after_plain = speculated and self._last_step is not None and not self._last_step[1]
-        self._last_step = (len(drafts), speculated, start, not (probed or after_plain),
-                           self._cohort, self._least)
+        self._last_step = (len(drafts), speculated, start, not (probed or after_plain))
         self._step_end = time.perf_counter()
         return drafts
 
