@@ -43,6 +43,19 @@ def test_the_engines_ngram_matcher_is_vllms_batch_matcher():
         assert got[1][rows].any()
 
 
+
+def test_the_draft_lms_greedy_token_is_vllms_argmax_ties_included():
+    import torch
+
+    from vllm_metasd.arms import first_max
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (7, 4096, 49152):  # few values: many ties, the first maximal index wins
+        logits = torch.randint(0, 3, (33, vocab), generator=g).to(torch.bfloat16)
+        logits[:, -1] = logits.max()  # a tie with the last index in every row
+        assert torch.equal(first_max(logits), logits.argmax(dim=-1))
+        assert torch.equal(first_max(logits.float()), logits.float().argmax(dim=-1))
+
 def synthetic_trace(L=60, prompts=12, seed=0):
     """Arm i is perfect on prompts of domain i (i < 2) and useless elsewhere;
     arm 2 accepts one token everywhere."""

@@ -58,6 +58,14 @@ def drafter_speculative_config(spec: SpeculativeConfig, model: str) -> Speculati
     )
 
 
+def first_max(logits: torch.Tensor) -> torch.Tensor:
+    """vLLM's greedy draft, ``logits.argmax(-1)`` (the first maximal index),
+    by ``max``: on CPU torch's argmax over bf16 logits is 4x slower (measured
+    one thread: 227 vs 52 us at [16, 4096], 2.7 vs 0.6 ms at [16, 49152],
+    SmolLM2's vocabulary), and a draft LM samples k times a step."""
+    return logits.max(dim=-1).indices
+
+
 class DraftLMArm(DraftModelProposer):
     """One draft LM. ``top_q`` = m > 0: at temperature 0 also keep its
     distribution q at its m most likely tokens (the block-divergence reward
@@ -92,8 +100,13 @@ class DraftLMArm(DraftModelProposer):
             logits = self.model.compute_logits(hidden_states).float()
             top, ids = logits.topk(self.top_q, dim=-1)
             self._top.append(((top - logits.logsumexp(-1, keepdim=True)).exp(), ids))
-            return logits.argmax(dim=-1), None  # vLLM's own greedy draft (ties: first index)
+            return first_max(logits), None
         return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+
+    def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.use_local_argmax_reduction or self.use_heterogeneous_vocab:
+            return super()._greedy_sample(hidden_states)
+        return first_max(self.model.compute_logits(hidden_states))
 
     def draft(self, step: DraftStep) -> Draft:
         lens = step.seq_lens[step.rows].astype(np.int64)
@@ -150,7 +163,7 @@ class DraftLMArm(DraftModelProposer):
         pos = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + first[row]
         offset = np.concatenate(([0], np.cumsum(ends - starts)[:-1]))
         index = torch.as_tensor(offset[row] + pos - starts[row], device=hidden.device)
-        guess = self.model.compute_logits(hidden[index]).argmax(-1).cpu().numpy()
+        guess = first_max(self.model.compute_logits(hidden[index])).cpu().numpy()
         hit = guess == token_ids[rows[row], pos + 1]
         return np.bincount(row, weights=hit, minlength=len(rows)) / n
 
