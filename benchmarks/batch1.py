@@ -33,7 +33,7 @@ from parity import Engine  # noqa: E402
 from selection import POOLS, pool_config, spec_for  # noqa: E402
 
 METHODS = ("none", "ngram", "draft:general", "draft:general-equal", "metasd@default",
-           "metasd@paper", "metasd@paper+probe")
+           "metasd@default+probe", "metasd@paper", "metasd@paper+probe")
 
 
 def spec(method: str):
