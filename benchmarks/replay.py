@@ -22,8 +22,10 @@ position ``t``, what drafting there would give at temperature 0:
 Two more signals per draft LM: ``bd_full``, the paper's block divergence from
 the full distributions (mean over the k drafted positions of 1 - TV between the
 target's softmax and the drafter's, teacher-forced on ``y``), and ``probe``,
-its next-token agreement over the prompt's last 32 tokens (the engine's
-prompt-informed start, ``prompt_probe``; for the lookup: its first drafted token).
+the drafted tokens its drafts would have had accepted over the prompt's last
+32 positions (the engine's prompt-informed start, ``prompt_probe``, by its own
+functions: ``probe_accepted``, and for the lookup ``lookup_probe``, NaN where
+it proposes nothing).
 
 ``replay``: the decode as MetaSD runs it: position 1 (prefill emitted token 0),
 each step the request's bandit picks an arm, the step emits accepted + 1 tokens,
@@ -106,6 +108,9 @@ def record(args) -> None:
     from transformers import LlamaForCausalLM
     from vllm import LLM, SamplingParams
 
+    from vllm_metasd.arms import lookup_probe
+    from vllm_metasd.core.objective import probe_accepted
+
     zoo = targets.use(args.target)
     if args.target == "smollm2":  # chat requests, domains interleaved
         from vllm_metasd.smollm2.workload import chat_workload
@@ -153,17 +158,15 @@ def record(args) -> None:
                 align = (1 - 0.5 * (target_p[i] - q).abs().sum(-1)).numpy()
                 bd_full[a, sl] = [align[t:t + K].mean() for t in range(len(y))]
                 first = max(len(p) - 1 - PROBE_WINDOW, 0)
-                probe[a, i] = (pred[first:len(p) - 1] == p[first + 1:]).mean()
+                hits = pred[first:len(p) - 1] == p[first + 1:]
+                probe[a, i] = probe_accepted(hits, np.zeros(len(hits), dtype=np.int64), 1, K)[0]
                 # The last positions cannot draft k tokens inside max_tokens.
                 drafted[a, sl] = np.minimum(K, len(y) - np.arange(len(y)))
             print(f"recorded {name}", flush=True)
     for i, (p, y) in enumerate(zip(prompts, ys)):
         sl = slice(offsets[i], offsets[i + 1])
         acc[-1, sl], bd[-1, sl], drafted[-1, sl] = ngram_outcomes(p, y, K, 2, 4)
-        ends = range(max(len(p) - 1 - PROBE_WINDOW, 1), len(p) - 1)
-        guesses = [ngram_draft(p[:e], 1, 2, 4).tolist() for e in ends]
-        hits = [g == [p[e]] for g, e in zip(guesses, ends) if g]  # where it proposes
-        probe[-1, i] = np.mean(hits or [0.0])
+        probe[-1, i] = lookup_probe(p, PROBE_WINDOW, K, 2, 4, len(p) + K)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bd_full[-1] = bd[-1]  # n-gram: q is one-hot at a drafted token, p's mass there
     np.savez_compressed(args.out, acc=acc, bd=bd, bd_full=bd_full, probe=probe,

@@ -3,11 +3,16 @@ import numpy as np
 import pytest
 
 from vllm_metasd.core import RequestStateStore, StepController, make_policy
-from vllm_metasd.core.objective import (
-    LinearCost, StepCosts, choose_by_throughput, expected_tokens,
-)
+from vllm_metasd.core.objective import LinearCost, StepCosts, choose_by_throughput, probe_accepted
 
 K = 4
+
+
+def expected_tokens(alpha: np.ndarray, k: int) -> np.ndarray:
+    """Tokens a step yields with k drafts of i.i.d. per-token acceptance alpha
+    (the SD bound), to state the choices below in acceptance rates."""
+    a = np.clip(alpha, 0.0, 0.999)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
 def costs(target_fixed=4e-3, per_token=0.0, arm_fixed=(0.0, 0.0), arm_per_row=(0.0, 0.0)):
@@ -15,10 +20,19 @@ def costs(target_fixed=4e-3, per_token=0.0, arm_fixed=(0.0, 0.0), arm_per_row=(0
                      np.array(arm_per_row, float))
 
 
-def test_expected_tokens_is_the_sd_bound():
-    assert expected_tokens(np.array([0.0]), K)[0] == pytest.approx(1.0)
-    assert expected_tokens(np.array([0.5]), K)[0] == pytest.approx((1 - 0.5 ** 5) / 0.5)
-    assert expected_tokens(np.array([1.0]), K)[0] == pytest.approx(K + 1, rel=0.01)
+def test_probe_estimate_is_the_run_of_hits_a_draft_would_have_had_accepted():
+    hits = np.array([1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1], bool)
+    row = np.array([0] * 6 + [1] * 4 + [2] * 4 + [3])
+    got = probe_accepted(hits, row, 5, K)
+    # row 0: the drafts from its first 3 positions have 4 hits ahead (its last
+    # 3 are cut short by its end and not counted); row 1: one full position, a
+    # miss; row 2: one full position, 3 hits then a miss; row 3: no full
+    # position, its one cut-short run; row 4: no positions
+    assert got[:4].tolist() == [4.0, 0.0, 3.0, 1.0] and np.isnan(got[4])
+    # hits in runs: at a hit rate of 0.5 the i.i.d. bound says (1 - 0.5^5) / 0.5 - 1
+    # = 0.94 drafted tokens accepted; the 13 full drafts here have 20
+    assert probe_accepted(np.array([1, 1, 1, 1, 0, 0, 0, 0] * 2, bool), np.zeros(16, int), 1,
+                          K)[0] == pytest.approx((4 + 3 + 2 + 1) * 2 / 13)
 
 
 def test_cheap_arm_with_lower_acceptance_wins_when_faster():
@@ -210,15 +224,19 @@ def test_a_free_arm_is_valued_at_its_mean_without_an_exploration_bonus():
 def test_prompt_probe_seeds_estimates_and_marks_the_kv_filled():
     store = RequestStateStore(make_policy("ucb", 3, beta=0.1))
     ctl = StepController(store, k=K, free_arms=[False, False, True])
-    new = ctl.begin(["a", "b"], np.array([True, True]))
-    assert new.tolist() == [0, 1]
-    ctl.probed(0, new, np.array([40, 60]), np.array([0.5, 0.0]))
+    new = ctl.begin(["a", "b", "c"], np.array([True, True, True]))
+    assert new.tolist() == [0, 1, 2]
+    ctl.probed(0, new, np.array([40, 60, 20]), np.array([2.5, 0.0, 1.0]))
     a, b = store.get("a"), store.get("b")
     assert a.computed == {0: 40} and b.computed == {0: 60}
-    # agreement 0.5 per token -> 1 + 0.5 + ... + 0.5^4 tokens a step, 0.9375 drafts accepted
-    assert a.gain_sum[0] == pytest.approx(0.9375) and b.gain_sum[0] == 0.0
+    assert a.gain_sum[0] == 2.5 and a.gain_count[0] == 1 and b.gain_sum[0] == 0.0
     # before any verification, on the reward scale: accepted drafts per drafted token
-    assert a.stats.reward_sum[0] == pytest.approx(0.9375 / K)
+    assert a.stats.reward_sum[0] == pytest.approx(2.5 / K)
+    # the lookup proposes nothing on b's text: its bandit gets 0, its tokens
+    # per step (what it yields when it proposes) no sample
+    ctl.probed(2, new, np.array([40, 60, 20]), np.array([3.0, np.nan, 1.0]))
+    assert a.gain_sum[2] == 3.0 and a.gain_count[2] == 1
+    assert b.gain_count[2] == 0 and b.stats.reward_count[2] == 1 and b.stats.reward_sum[2] == 0
     assert ctl.begin(["a"], np.array([True])).tolist() == []  # not new any more
 
 

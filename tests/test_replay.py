@@ -56,6 +56,25 @@ def test_the_draft_lms_greedy_token_is_vllms_argmax_ties_included():
         assert torch.equal(first_max(logits), logits.argmax(dim=-1))
         assert torch.equal(first_max(logits.float()), logits.float().argmax(dim=-1))
 
+
+def test_the_lookups_prompt_probe_is_what_its_drafts_would_have_had_accepted():
+    from vllm_metasd.arms import lookup_probe
+
+    assert np.isnan(lookup_probe(np.arange(20), 32, 4, 2, 4, 1024))  # proposes nowhere
+    assert lookup_probe(np.array([1, 2, 3, 4] * 6), 32, 4, 2, 4, 1024) == 4.0
+    rng = np.random.default_rng(1)
+    for _ in range(20):  # against each position's draft, one at a time
+        tokens = rng.integers(0, 4, 40)
+        runs, cut = [], []
+        for e in range(len(tokens) - 1 - 16, len(tokens) - 1):
+            d = replay.ngram_draft(tokens[:e], 4, 2, 4)
+            if len(d):
+                truth = tokens[e:e + len(d)]
+                match = d[:len(truth)] == truth
+                (runs if e + 4 <= len(tokens) else cut).append(replay._leading_run(match))
+        want = np.mean(runs or cut) if runs or cut else np.nan
+        np.testing.assert_allclose(lookup_probe(tokens, 16, 4, 2, 4, 1024), want)
+
 def synthetic_trace(L=60, prompts=12, seed=0):
     """Arm i is perfect on prompts of domain i (i < 2) and useless elsewhere;
     arm 2 accepts one token everywhere."""

@@ -20,6 +20,7 @@ buffer, per-row lengths) is numpy, copied through ``CpuGpuBuffer`` pairs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -35,6 +36,7 @@ from vllm.v1.spec_decode.ngram_proposer import (
 from vllm.v1.utils import CpuGpuBuffer
 
 from vllm_metasd.core import plan_catch_up
+from vllm_metasd.core.objective import probe_accepted
 from vllm_metasd.core.draft import Draft, DraftStep
 
 
@@ -132,14 +134,15 @@ class DraftLMArm(DraftModelProposer):
                          torch.cat(part)[back] for part in zip(*q_top)),
                      computed=lens)
 
-    def probe(self, step: DraftStep, window: int) -> tuple[np.ndarray, np.ndarray]:
+    def probe(self, step: DraftStep, window: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """A new request's prompt-informed start: process every known token of
         the rows (the catch-up this drafter would need once chosen; its KV is
-        then filled) and score the drafter on the request's own text: the share
-        of the last ``window`` positions where its most likely next token is
-        the one that follows. Returns (tokens processed, agreement) per row."""
+        then filled) and score the drafter on the request's own text: the
+        drafted tokens its greedy k-token drafts would have had accepted at the
+        last ``window`` positions (``probe_accepted``). Returns (tokens
+        processed, accepted) per row."""
         lens = step.seq_lens[step.rows].astype(np.int64)
-        agreement = np.zeros(len(lens))
+        accepted = np.full(len(lens), np.nan)
         out: list[torch.Tensor] = []
         hook = self.model.register_forward_hook(lambda _m, _i, h: out.append(h))
         try:
@@ -147,14 +150,14 @@ class DraftLMArm(DraftModelProposer):
                 out.clear()
                 self._forward(step, step.rows[idx], s, e, 0)  # k = 0: the pass only
                 if last:
-                    agreement[idx] = self._agreement(step.token_ids, step.rows[idx], s, e,
-                                                     out[0], window)
+                    accepted[idx] = self._accepted(step.token_ids, step.rows[idx], s, e,
+                                                   out[0], window, k)
         finally:
             hook.remove()
-        return lens, agreement
+        return lens, accepted
 
-    def _agreement(self, token_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray,
-                   ends: np.ndarray, hidden: torch.Tensor, window: int) -> np.ndarray:
+    def _accepted(self, token_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray,
+                  ends: np.ndarray, hidden: torch.Tensor, window: int, k: int) -> np.ndarray:
         """Row i's pass holds positions [starts[i], ends[i]) contiguously; the
         hidden state at position p predicts token p + 1."""
         first = np.maximum(starts, ends - 1 - window)
@@ -164,8 +167,7 @@ class DraftLMArm(DraftModelProposer):
         offset = np.concatenate(([0], np.cumsum(ends - starts)[:-1]))
         index = torch.as_tensor(offset[row] + pos - starts[row], device=hidden.device)
         guess = first_max(self.model.compute_logits(hidden[index])).cpu().numpy()
-        hit = guess == token_ids[rows[row], pos + 1]
-        return np.bincount(row, weights=hit, minlength=len(rows)) / n
+        return probe_accepted(guess == token_ids[rows[row], pos + 1], row, len(rows), k)
 
     def _forward(self, step: DraftStep, rows: np.ndarray, starts: np.ndarray,
                  ends: np.ndarray, k: int):
@@ -295,24 +297,38 @@ class NgramArm:
         self._match(step.rows, step.seq_lens, step.token_ids, step.k)
         return Draft(self._ids[step.rows, :step.k], lengths=self._num[step.rows])
 
-    def probe(self, step: DraftStep, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """As ``DraftLMArm.probe``: of the last ``window`` positions of each
-        row's known tokens where the lookup proposes, the share where its first
-        drafted token is the one that follows (its value when it proposes,
-        as the throughput objective offers it; 0 if it never does). Runs once
-        per new request."""
+    def probe(self, step: DraftStep, window: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As ``DraftLMArm.probe``, per row ``lookup_probe`` (NaN where the
+        lookup proposes nothing: no estimate of what it yields when it
+        proposes). Runs once per new request."""
         lens = step.seq_lens[step.rows].astype(np.int64)
-        agreement = np.zeros(len(lens))
-        for i, (row, n) in enumerate(zip(step.rows.tolist(), lens.tolist())):
-            ends = np.arange(max(n - 1 - window, 1), n - 1, dtype=np.int32)  # history lengths
-            history = np.ascontiguousarray(np.broadcast_to(step.token_ids[row, :n],
-                                                           (len(ends), n)))
-            ids = np.zeros((len(ends), 1), dtype=np.int32)
-            num = np.zeros(len(ends), dtype=np.int32)
-            self._match(np.arange(len(ends)), ends, history, 1, ids, num)
-            hits = ((num > 0) & (ids[:, 0] == step.token_ids[row, ends])).sum()
-            agreement[i] = hits / max(int((num > 0).sum()), 1)
-        return lens, agreement
+        return lens, np.array([
+            lookup_probe(step.token_ids[row, :n], window, k, self.min_n, self.max_n,
+                         self.max_model_len)
+            for row, n in zip(step.rows.tolist(), lens.tolist())])
+
+
+def lookup_probe(tokens: np.ndarray, window: int, k: int, min_n: int, max_n: int,
+                 max_model_len: int) -> float:
+    """The n-gram arm's prompt probe: the drafted tokens its k-token drafts
+    would have had accepted at the last ``window`` positions of ``tokens``
+    where it proposes (its value when it proposes, as the throughput objective
+    offers it; NaN if it proposes nowhere); as in ``probe_accepted``, drafts
+    cut short by the end of the text count only if there is no other."""
+    n = len(tokens)
+    ends = np.arange(max(n - 1 - window, 1), n - 1, dtype=np.int32)  # history lengths
+    history = np.ascontiguousarray(np.broadcast_to(tokens.astype(np.int32), (len(ends), n)))
+    ids = np.zeros((len(ends), k), dtype=np.int32)
+    num = np.zeros(len(ends), dtype=np.int32)
+    propose_ngrams(np.arange(len(ends), dtype=np.int64), ends, history, min_n, max_n,
+                   max_model_len, k, ids, num)
+    pos = ends[:, None] + np.arange(k)  # the positions of each draft's tokens
+    hits = (np.arange(k) < num[:, None]) & (pos < n) & (ids == tokens[np.minimum(pos, n - 1)])
+    accepted = np.cumprod(hits, axis=1).sum(axis=1)
+    proposes = num > 0
+    full = proposes & (ends + k <= n)
+    counted = full if full.any() else proposes
+    return float(accepted[counted].mean()) if counted.any() else math.nan
 
 
 def _select_rows(sampling_metadata, rows: torch.Tensor):

@@ -3,7 +3,8 @@
 - The prompt-informed start (metasd.json ``prompt_probe``): on a request's
   first step every arm is scored on the request's own known tokens (a draft
   LM passes over them, which also fills its KV; the lookup tries each of the
-  last positions), one observation per arm for the request's bandit.
+  last positions): the tokens its drafts would have had accepted there, one
+  observation per arm for the request's bandit and estimates.
 - Free arms (n-gram lookups, under the throughput objective) draft for every
   row before the choice, so the choice knows which rows they propose for;
   what each would have drafted for the rows it did not draft for is scored
@@ -32,11 +33,11 @@ def probe_new_requests(arms: list, names: list[str], controller: StepController,
         if controller.disabled[a]:
             continue
         try:
-            computed, agreement = arm.probe(step, PROBE_WINDOW)
+            computed, accepted = arm.probe(step, PROBE_WINDOW, controller.k)
         except Exception as e:  # a drafter must never take the engine down
             controller.failed(a, step.rows, names[a], e)
             continue
-        controller.probed(a, step.rows, computed, agreement)
+        controller.probed(a, step.rows, computed, accepted)
 
 
 class FreeDrafts:

@@ -31,7 +31,8 @@ request's first step and freed by one call. The rules:
   arm. A pinned arm (policy
   "fixed") is never second-guessed;
 - prompt-informed start (``probed``): a new request's bandit starts with one
-  observation per arm, its agreement with the request's own text.
+  observation per arm, what its drafts would have had accepted over the
+  request's own text.
 
 ``propose`` in vllm_metasd/proposer.py and benchmarks/replay.py both drive it.
 """
@@ -43,7 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from vllm_metasd.core.objective import (
-    LinearCost, StepCosts, choose_by_throughput, expected_tokens, priced, row_options,
+    LinearCost, StepCosts, choose_by_throughput, priced, row_options,
 )
 from vllm_metasd.core.state import RequestState, RequestStateStore
 
@@ -213,15 +214,18 @@ class StepController:
             self._inform(state, arm, reward, a if n else None)
 
     def probed(self, arm: int, rows: np.ndarray, computed: np.ndarray,
-               agreement: np.ndarray) -> None:
+               accepted: np.ndarray) -> None:
         """A prompt-informed start (new rows of this step): the arm processed
-        each row's known tokens and agreed with its text at the given rate,
-        one observation for the request's bandit."""
+        each row's known tokens, and its drafts would have had ``accepted``
+        drafted tokens accepted a step over the row's text (NaN: it proposes
+        nothing there: 0 for the bandit, no sample of its tokens per step, as
+        an empty draft): one observation for the request's bandit."""
         self.mark_caught_up(arm, rows, computed)
-        accepted = expected_tokens(agreement, self.k) - 1.0  # per step, if it drafted
-        for r, reward, a in zip(rows.tolist(), self._as_reward(accepted).tolist(),
-                                accepted.tolist()):
-            self._inform(self._rows[r], arm, reward, a)
+        proposes = ~np.isnan(accepted)
+        accepted = np.where(proposes, accepted, 0.0)
+        for r, reward, a, p in zip(rows.tolist(), self._as_reward(accepted).tolist(),
+                                   accepted.tolist(), proposes.tolist()):
+            self._inform(self._rows[r], arm, reward, a if p else None)
 
     def _as_reward(self, accepted: np.ndarray) -> np.ndarray:
         """Accepted tokens per step on the rewards' scale: over the engine's

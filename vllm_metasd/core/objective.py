@@ -23,10 +23,9 @@ of one row needs none of it: its best option is the one with the highest
 step rate.
 
 Expected tokens come from the controller (each request's observed tokens per
-step with each arm, optimistic by a UCB bonus); ``expected_tokens`` turns a
-per-token acceptance alpha into them where only a rate is known (the prompt
-probe's agreement): with k drafted tokens a step yields
-``(1 - alpha^(k+1)) / (1 - alpha)`` tokens in expectation.
+step with each arm, optimistic by a UCB bonus); a new request's first
+estimates can come from its prompt (``probe_accepted``: what each arm's drafts
+would have had accepted over the prompt's own text).
 """
 from __future__ import annotations
 
@@ -37,10 +36,33 @@ import numpy as np
 from vllm_metasd.core.jit import njit
 
 
-def expected_tokens(alpha: np.ndarray, k: int) -> np.ndarray:
-    """Tokens a step yields with k drafts of per-token acceptance alpha (>= 1)."""
-    a = np.clip(alpha, 0.0, 0.999)
-    return (1.0 - a ** (k + 1)) / (1.0 - a)
+def probe_accepted(hits: np.ndarray, row: np.ndarray, num_rows: int, k: int) -> np.ndarray:
+    """The prompt probe's estimate per row: the drafted tokens a greedy k-token
+    draft would have had accepted, averaged over the row's scored positions
+    (NaN: none). ``hits`` [positions]: whether the drafter's next token after
+    a position's prefix is the token that follows (teacher-forced), positions
+    of a row contiguous and in order, ``row`` each one's row. A draft from t
+    runs on while it hits, so its accepted tokens are the run of hits from t,
+    at most k (not the i.i.d. bound ``(1 - a^(k+1)) / (1 - a) - 1`` of the
+    hit rate a, which on the zoo put each drafter at about half the tokens it
+    then yielded: hits come in runs). Positions closer than k to their row's
+    end have their runs cut short: they count only in a row with no other."""
+    hits = np.asarray(hits, dtype=bool)
+    n = len(hits)
+    runs = hits.astype(np.float64)
+    live = hits.copy()
+    for j in range(1, k):  # live[t]: hits at t .. t + j, all in t's row
+        ahead = np.zeros(n, dtype=bool)
+        ahead[:n - j] = hits[j:] & (row[j:] == row[:n - j])
+        live &= ahead
+        runs += live
+    size = np.bincount(row, minlength=num_rows)
+    index = np.arange(n) - (np.cumsum(size) - size)[row]  # position within its row
+    full = size[row] - index >= k
+    counted = full | (np.bincount(row, weights=full, minlength=num_rows) == 0)[row]
+    with np.errstate(invalid="ignore"):
+        return (np.bincount(row, weights=runs * counted, minlength=num_rows)
+                / np.bincount(row, weights=counted, minlength=num_rows))
 
 
 @dataclasses.dataclass
