@@ -36,8 +36,8 @@ from vllm.v1.spec_decode.ngram_proposer import (
 from vllm.v1.utils import CpuGpuBuffer
 
 from vllm_metasd.core import plan_catch_up
-from vllm_metasd.core.objective import probe_accepted
 from vllm_metasd.core.draft import Draft, DraftStep
+from vllm_metasd.core.objective import probe_accepted
 
 
 def drafter_speculative_config(spec: SpeculativeConfig, model: str) -> SpeculativeConfig:
