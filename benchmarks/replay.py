@@ -63,14 +63,13 @@ def _leading_run(match: np.ndarray) -> int:
 
 def lm_outcomes(match: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per output position t: (accepted length, BD reward) of a greedy k-token
-    draft, from ``match[t]`` = the drafter's teacher-forced argmax equals y[t]."""
+    draft, from ``match[t]`` = the drafter's teacher-forced argmax equals y[t]
+    (the accepted length by the engine's prompt-probe rule, ``draft_runs``)."""
+    from vllm_metasd.core.objective import draft_runs
+
     L = len(match)
-    acc = np.zeros(L, dtype=np.int8)
-    bd = np.zeros(L, dtype=np.float32)
-    for t in range(L):
-        window = match[t:t + k]
-        acc[t] = _leading_run(window)
-        bd[t] = window.mean()
+    acc = draft_runs(match, np.zeros(L, dtype=np.int64), k).astype(np.int8)
+    bd = np.array([match[t:t + k].mean() for t in range(L)], dtype=np.float32)
     return acc, bd
 
 

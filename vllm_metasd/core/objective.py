@@ -36,17 +36,13 @@ import numpy as np
 from vllm_metasd.core.jit import njit
 
 
-def probe_accepted(hits: np.ndarray, row: np.ndarray, num_rows: int, k: int) -> np.ndarray:
-    """The prompt probe's estimate per row: the drafted tokens a greedy k-token
-    draft would have had accepted, averaged over the row's scored positions
-    (NaN: none). ``hits`` [positions]: whether the drafter's next token after
-    a position's prefix is the token that follows (teacher-forced), positions
-    of a row contiguous and in order, ``row`` each one's row. A draft from t
-    runs on while it hits, so its accepted tokens are the run of hits from t,
-    at most k (not the i.i.d. bound ``(1 - a^(k+1)) / (1 - a) - 1`` of the
-    hit rate a, which on the zoo put each drafter at about half the tokens it
-    then yielded: hits come in runs). Positions closer than k to their row's
-    end have their runs cut short: they count only in a row with no other."""
+def draft_runs(hits: np.ndarray, row: np.ndarray, k: int) -> np.ndarray:
+    """Per position t, the drafted tokens a greedy k-token draft from t has
+    accepted: the run of hits from t, at most k, within t's row. ``hits``
+    [positions]: whether the drafter's next token after that position's prefix
+    is the token that follows (teacher-forced: while a greedy draft hits, its
+    inputs are the true tokens), positions of a row contiguous and in order,
+    ``row`` each one's row."""
     hits = np.asarray(hits, dtype=bool)
     n = len(hits)
     runs = hits.astype(np.float64)
@@ -56,8 +52,19 @@ def probe_accepted(hits: np.ndarray, row: np.ndarray, num_rows: int, k: int) -> 
         ahead[:n - j] = hits[j:] & (row[j:] == row[:n - j])
         live &= ahead
         runs += live
+    return runs
+
+
+def probe_accepted(hits: np.ndarray, row: np.ndarray, num_rows: int, k: int) -> np.ndarray:
+    """The prompt probe's estimate per row: ``draft_runs`` averaged over the
+    row's scored positions (NaN: none) — not the i.i.d. bound
+    ``(1 - a^(k+1)) / (1 - a) - 1`` of the hit rate a, which on the zoo put
+    each drafter at about half the tokens it then yielded: hits come in runs.
+    Positions closer than k to their row's end have their runs cut short: they
+    count only in a row with no other."""
+    runs = draft_runs(hits, row, k)
     size = np.bincount(row, minlength=num_rows)
-    index = np.arange(n) - (np.cumsum(size) - size)[row]  # position within its row
+    index = np.arange(len(runs)) - (np.cumsum(size) - size)[row]  # position within its row
     full = size[row] - index >= k
     counted = full | (np.bincount(row, weights=full, minlength=num_rows) == 0)[row]
     with np.errstate(invalid="ignore"):
