@@ -169,7 +169,8 @@ def record(args) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bd_full[-1] = bd[-1]  # n-gram: q is one-hot at a drafted token, p's mass there
     np.savez_compressed(args.out, acc=acc, bd=bd, bd_full=bd_full, probe=probe,
-                        drafted=drafted, offsets=offsets,
+                        drafted=drafted, offsets=offsets, prompt_ids=np.concatenate(prompts),
+                        prompt_offsets=np.concatenate([[0], np.cumsum([len(p) for p in prompts])]),
                         arms=np.array(arms), domains=np.array([r["domain"] for r in rows]))
     print(f"wrote {args.out}: {len(rows)} prompts x {len(arms)} arms")
 
@@ -239,6 +240,11 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
     from vllm_metasd.core import RequestStateStore, StepController, make_policy
 
     acc, drafted, offsets = trace["acc"], trace["drafted"], trace["offsets"]
+    if "prompt_ids" in trace:  # the warm start's neighbours by prompt (older traces: none)
+        ids, starts = trace["prompt_ids"], trace["prompt_offsets"]
+        prompt = lambda i: ids[starts[i]:starts[i + 1]]  # noqa: E731
+    else:
+        prompt = lambda i: None  # noqa: E731
     bd = trace["bd_full"] if reward == "bd_full" else trace["bd"]
     n_arms = acc.shape[0]
     free = np.array([str(a) == "lookup" for a in trace["arms"]])
@@ -252,8 +258,8 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
     for i in range(len(offsets) - 1):
         base, L, rid = offsets[i], offsets[i + 1] - offsets[i], str(i)
         t, n, a_sum, secs, picks = 1, 0, 0, 0.0, []
+        ctl.begin([rid], one, lambda _row: prompt(i))
         if probe:
-            ctl.begin([rid], one)
             for arm in range(n_arms):
                 ctl.probed(arm, row, np.array([PROMPT_TOKENS]), trace["probe"][arm, i:i + 1])
             if times is not None:  # each draft LM's pass over the prompt (one forward)

@@ -10,6 +10,9 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Tests read a proposer's state with collective_rpc(function), which vLLM
+# refuses to serialize without this.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 PROMPTS = [
     "def add(a, b):", "The quick brown fox", "SELECT name, value FROM", "Der schnelle braune",

@@ -98,6 +98,37 @@ def test_prompt_probe_starts_on_the_drafter_that_agrees_with_the_prompt(metasd4_
             "objective": "alignment", "prompt_probe": False, "speculation_gate": True})
 
 
+def _remembered_prompts(worker):
+    """The warm start's memory of finished requests' prompt signatures."""
+    priors = worker.model_runner.drafter.controller.store.priors
+    return priors._signatures[:len(priors)].tolist()
+
+
+def test_the_warm_start_remembers_each_finished_requests_own_prompt(metasd4_llm, plain_llm):
+    """The proposer hands the warm start each new request's prompt from the
+    runner's token buffer (its own batch row, whatever vLLM's row order): a
+    batch of prompts of different lengths, then one more request (a request
+    is forgotten on the step after it finished)."""
+    from vllm import SamplingParams
+
+    from vllm_metasd.core.warm_start import prompt_signature
+
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"warm_start": True})
+    try:
+        outs = metasd4_llm.generate(PROMPTS[:6], params, use_tqdm=False)
+        assert greedy(metasd4_llm, PROMPTS[6:7], max_tokens=4) == greedy(
+            plain_llm, PROMPTS[6:7], max_tokens=4)
+        remembered = np.array(metasd4_llm.collective_rpc(_remembered_prompts)[0])
+        expected = np.stack([prompt_signature(np.array(o.prompt_token_ids)) for o in outs])
+        assert len(remembered) >= len(expected)
+        match = expected @ remembered[:len(expected)].T  # cosine similarities
+        assert sorted(match.argmax(axis=1).tolist()) == list(range(len(expected)))
+        np.testing.assert_allclose(match.max(axis=1), 1.0, atol=1e-5)
+    finally:
+        metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={"warm_start": False})
+
+
 def test_speculation_gate_mixes_plain_steps_in_and_stays_exact(metasd4_llm, plain_llm):
     """Throughput objective with the gate: once both modes were measured at a
     batch size, plain steps (no drafts, no choice) alternate with speculative

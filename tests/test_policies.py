@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from vllm_metasd.core import (
     POLICIES, ArmPrior, DiscountedUCBPolicy, EpsilonGreedyPolicy, EXP3Policy, FixedArmPolicy,
-    GlobalPrior, ParamError, SlidingWindowUCBPolicy, UCBPolicy, make_policy, policy_params,
+    ParamError, SlidingWindowUCBPolicy, UCBPolicy, make_policy, policy_params,
 )
 from vllm_metasd.core.policies import benchmark
 
@@ -214,15 +214,6 @@ def test_select_update_is_cheap():
 
 
 # ---- warm start ------------------------------------------------------------------
-
-def test_global_prior_averages_request_means_and_marks_unknown_arms():
-    g = GlobalPrior(3)
-    assert g.prior() is None
-    g.observe([0.2, math.nan, 0.9])
-    g.observe([0.4, math.nan, math.nan])
-    prior = g.prior(pseudo_count=5)
-    assert prior.means == pytest.approx([0.3, 0.0, 0.9]) and prior.counts == [5.0, 0.0, 5.0]
-
 
 def test_ucb_prior_skips_known_arms_but_explores_unknown_ones():
     policy = UCBPolicy(3)

@@ -301,7 +301,8 @@ class MetaSDProposer(DraftModelProposer):
         req_ids = batch.req_ids[:n]
         active = valid > 0  # rows with a new token
 
-        new_rows = self.controller.begin(req_ids, active)
+        new_rows = self.controller.begin(
+            req_ids, active, lambda r: batch.token_ids_cpu[r, :batch.num_prompt_tokens[r]])
         probing = bool(len(new_rows)) and self.config.prompt_probe and self.reward_kind != "none"
         if probing:
             probe_new_requests(self.arms, self.arm_names, self.controller, DraftStep(

@@ -27,9 +27,9 @@ request's first step and freed by one call. The rules:
   it proposes something this step, and is valued at what it yields when it
   does (an empty draft earns its bandit 0, but is no sample of its gain:
   the choice knows when there is none). With warm start, a new request's
-  estimates start from the finished requests' mean tokens per step with each
-  arm. A pinned arm (policy
-  "fixed") is never second-guessed;
+  bandit and estimates start from the finished requests whose prompts are
+  most like its own (``core.warm_start``). A pinned arm (policy "fixed") is
+  never second-guessed;
 - prompt-informed start (``probed``): a new request's bandit starts with one
   observation per arm, what its drafts would have had accepted over the
   request's own text.
@@ -39,7 +39,7 @@ request's first step and freed by one call. The rules:
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -103,16 +103,20 @@ class StepController:
 
     # ---- one step --------------------------------------------------------------
 
-    def begin(self, req_ids: Sequence[str], active: np.ndarray) -> np.ndarray:
+    def begin(self, req_ids: Sequence[str], active: np.ndarray,
+              prompt_of: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
         """This step's ledgers, by batch row (``active``: rows with a new
-        token). Returns the rows whose request is new (ledger created now)."""
+        token; ``prompt_of(row)``: the row's prompt token ids, read for new
+        requests only, for the warm start). Returns the rows whose request is
+        new (ledger created now)."""
         rows: list[RequestState | None] = [None] * len(req_ids)
         new = []
         store = self.store
         for row in np.flatnonzero(active).tolist():
             state = store.get(req_ids[row])
             if state is None:
-                state = store.get_or_create(req_ids[row])
+                state = store.get_or_create(
+                    req_ids[row], None if prompt_of is None else prompt_of(row))
                 new.append(row)
             rows[row] = state
         self._rows = rows

@@ -27,7 +27,7 @@ import dataclasses
 import inspect
 import math
 import numbers
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -351,30 +351,6 @@ def make_policy(name: str, num_arms: int, seed: int = 0, **params) -> Policy:
         raise ValueError(f"policy {name!r} has no parameter(s) {unknown}; its parameters "
                          f"are: {', '.join(policy_params(name)) or 'none'}")
     return cls(num_arms, seed=seed, **params)
-
-
-class GlobalPrior:
-    """Warm-start prior: per arm, the average over finished requests of each
-    request's mean reward on that arm (requests weigh equally, however long)."""
-
-    def __init__(self, num_arms: int):
-        self.sums = [0.0] * num_arms
-        self.counts = [0] * num_arms
-
-    def observe(self, means: Sequence[float]) -> None:
-        """Fold in one finished request's per-arm mean rewards (NaN = arm not used)."""
-        for arm, m in enumerate(means):
-            if not math.isnan(m):
-                self.sums[arm] += m
-                self.counts[arm] += 1
-
-    def prior(self, pseudo_count: float = 2.0) -> ArmPrior | None:
-        """Each observed arm's mean worth ``pseudo_count`` pulls; None before any
-        observation. Arms never observed get 0 pseudo-pulls (explored normally)."""
-        if not any(self.counts):
-            return None
-        means = [s / c if c else 0.0 for s, c in zip(self.sums, self.counts)]
-        return ArmPrior(means, [float(pseudo_count) if c else 0.0 for c in self.counts])
 
 
 def benchmark(num_arms: int = 6, rounds: int = 20_000) -> dict[str, float]:

@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-from vllm_metasd.core.policies import BanditState, GlobalPrior, Policy
+from vllm_metasd.core.policies import BanditState, Policy
+from vllm_metasd.core.warm_start import WarmStart, prompt_signature
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,6 +65,8 @@ class RequestState:
     gain_count: np.ndarray | None = None
     # Of which the warm start's pseudo-observations (sum, count), not this request's
     gain_prior: tuple[np.ndarray, np.ndarray] | None = None
+    # Its prompt's signature (``core.warm_start``; None: no warm start, or no prompt)
+    signature: np.ndarray | None = None
 
     def mean_gains(self) -> np.ndarray:
         """Per arm: this request's mean tokens per step beyond the target's
@@ -81,9 +84,10 @@ class RequestState:
 
 class RequestStateStore:
     """``arm_names`` label the snapshot; ``warm_start`` starts each new
-    request's bandit from the finished requests' per-arm mean rewards, and its
-    tokens-per-step estimates (the throughput objective's) from their per-arm
-    mean gains, each worth ``prior_pseudo_count`` observations.
+    request's bandit from per-arm mean rewards of finished requests with
+    prompts like its own (``core.warm_start``), and its tokens-per-step
+    estimates (the throughput objective's) from their per-arm mean gains, each
+    worth ``prior_pseudo_count`` observations.
 
     With ``prompt_probe`` a new request starts from its own prompt's evidence
     (``StepController.probed``) and the warm start's prior is not applied: the
@@ -102,8 +106,7 @@ class RequestStateStore:
             raise ValueError(f"{len(self.arm_names)} arm names for {n} arms")
         self.warm_start = warm_start and not prompt_probe
         self.prior_pseudo_count = prior_pseudo_count
-        self.global_prior = GlobalPrior(n)
-        self.gain_prior = GlobalPrior(n)
+        self.priors = WarmStart(n)
         self.totals = DrafterStats.zeros(n)
         self._states: dict[str, RequestState] = {}
         self._created = 0  # state seed: reproducible, distinct per request
@@ -121,20 +124,24 @@ class RequestStateStore:
     def get(self, req_id: str) -> RequestState | None:
         return self._states.get(req_id)
 
-    def get_or_create(self, req_id: str) -> RequestState:
+    def get_or_create(self, req_id: str, prompt: np.ndarray | None = None) -> RequestState:
+        """The request's ledger; a new one (with warm start) starts from the
+        finished requests most like ``prompt`` (its token ids; None: unknown)."""
         state = self._states.get(req_id)
         if state is None:
-            prior = gains = None
+            signature = found = None
             if self.warm_start:
-                prior = self.global_prior.prior(self.prior_pseudo_count)
-                gains = self.gain_prior.prior(self.prior_pseudo_count)
+                signature = None if prompt is None else prompt_signature(prompt)
+                found = self.priors.prior(signature, self.prior_pseudo_count)
             n = self.policy.num_arms
-            state = RequestState(self.policy.new_state(prior, state_seed=self._created),
-                                 DrafterStats.zeros(n), gain_sum=np.zeros(n),
-                                 gain_count=np.zeros(n))
-            if gains is not None:
-                counts = np.array(gains.counts)
-                state.gain_prior = (np.array(gains.means) * counts, counts)
+            state = RequestState(
+                self.policy.new_state(None if found is None else found[0],
+                                      state_seed=self._created),
+                DrafterStats.zeros(n), gain_sum=np.zeros(n), gain_count=np.zeros(n),
+                signature=signature)
+            if found is not None:
+                _, means, counts = found
+                state.gain_prior = (means * counts, counts)
                 state.gain_sum += state.gain_prior[0]
                 state.gain_count += counts
             self._created += 1
@@ -172,8 +179,7 @@ class RequestStateStore:
         """Forget a finished/aborted request; returns its state (None if unknown)."""
         state = self._states.pop(req_id, None)
         if state is not None and self.warm_start:
-            self.global_prior.observe(state.stats.mean_rewards())
-            self.gain_prior.observe(state.mean_gains())
+            self.priors.observe(state.signature, state.stats.mean_rewards(), state.mean_gains())
         return state
 
     def free_missing(self, live_ids: set[str]) -> list[str]:

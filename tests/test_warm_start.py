@@ -1,0 +1,87 @@
+"""The warm start: priors from finished requests with similar prompts (no vLLM)."""
+import math
+
+import numpy as np
+import pytest
+
+from vllm_metasd.core import RequestStateStore, StepController, UCBPolicy
+from vllm_metasd.core.warm_start import WarmStart, prompt_signature
+
+NAN = math.nan
+
+
+def test_signature_is_a_unit_bag_of_tokens():
+    a = prompt_signature(np.array([5, 7, 7, 9]))
+    assert np.linalg.norm(a) == pytest.approx(1.0)
+    assert np.array_equal(a, prompt_signature(np.array([7, 9, 5, 7])))  # order-free
+    assert prompt_signature(np.array([1, 2, 3])) @ prompt_signature(np.array([4, 5])) == 0.0
+    assert 0 < a @ prompt_signature(np.array([5, 7, 100])) < 1
+
+
+def test_without_a_prompt_the_prior_is_the_mean_over_requests_of_their_means():
+    w = WarmStart(3)
+    assert w.prior(None, 2.0) is None
+    w.observe(None, [0.2, NAN, 0.9], [1.0, NAN, NAN])
+    w.observe(None, [0.4, NAN, NAN], [3.0, NAN, NAN])
+    prior, gains, gain_counts = w.prior(None, 5.0)
+    assert prior.means == pytest.approx([0.3, 0.0, 0.9]) and prior.counts == [5.0, 0.0, 5.0]
+    assert gains.tolist() == [2.0, 0.0, 0.0] and gain_counts.tolist() == [5.0, 0.0, 0.0]
+
+
+def _prompts(lo, n, rng):
+    """n prompts drawn from one "domain": tokens in [lo, lo + 50)."""
+    return [rng.integers(lo, lo + 50, size=30) for _ in range(n)]
+
+
+def test_a_new_request_starts_from_the_finished_requests_with_prompts_like_its_own():
+    # Code-like prompts found arm 0 best, German-like ones arm 1; more German
+    # ones finished, so the population's mean ranks arm 1 first.
+    rng = np.random.default_rng(0)
+    store = RequestStateStore(UCBPolicy(3), warm_start=True, prior_pseudo_count=2)
+    finished = [(p, [0.9, 0.2]) for p in _prompts(0, 10, rng)]
+    finished += [(p, [0.1, 0.8]) for p in _prompts(1000, 20, rng)]
+    for i in rng.permutation(len(finished)):
+        prompt, rewards = finished[i]
+        s = store.get_or_create(f"r{i}", prompt)
+        for arm, r in enumerate(rewards):  # arm 2 never tried
+            store.record(s, arm, 4, 0, r)
+            s.observe_gain(arm, 4 * r)
+        store.free(f"r{i}")
+    code = store.get_or_create("code", _prompts(0, 1, rng)[0])
+    assert code.bandit.sums[:2] == pytest.approx([1.8, 0.4])  # the 8 code-like ones' means, x2
+    assert code.gain_sum[:2] / code.gain_count[:2] == pytest.approx([3.6, 0.8])
+    assert code.bandit.counts == [2.0, 2.0, 0.0]  # arm 2: no prior, explored
+    german = store.get_or_create("german", _prompts(1000, 1, rng)[0])
+    assert german.bandit.sums[:2] == pytest.approx([0.2, 1.6])
+    unknown = store.get_or_create("unknown")  # no prompt: the population's mean
+    assert unknown.bandit.sums[:2] == pytest.approx([2 * (9 + 2) / 30, 2 * (2 + 16) / 30])
+    policy = store.policy
+    for s in (code, german):
+        s.bandit.counts[2] = 2.0  # arm 2 known bad: the prior's best is chosen
+    assert (policy.select(code.bandit), policy.select(german.bandit)) == (0, 1)
+
+
+def test_the_memory_keeps_the_latest_requests():
+    w = WarmStart(1, memory=2, neighbours=1)
+    for r in (0.1, 0.2, 0.3):
+        w.observe(prompt_signature(np.array([1, 2])), [r], [NAN])
+    assert len(w) == 2
+    assert w.prior(None, 1.0)[0].means == pytest.approx([0.25])
+
+
+def test_the_controller_reads_the_prompt_of_new_requests_only():
+    store = RequestStateStore(UCBPolicy(2), warm_start=True)
+    ctl = StepController(store, k=4)
+    read = []
+
+    def prompt_of(row):
+        read.append(row)
+        return np.array([row, row + 1])
+
+    assert ctl.begin(["a", "b"], np.array([True, True]), prompt_of).tolist() == [0, 1]
+    assert ctl.begin(["a", "b", "c"], np.array([True, False, True]), prompt_of).tolist() == [2]
+    assert read == [0, 1, 2]
+    assert np.array_equal(store.get("c").signature, prompt_signature(np.array([2, 3])))
+    cold = StepController(RequestStateStore(UCBPolicy(2)), k=4)  # no warm start: not needed
+    cold.begin(["x"], np.array([True]), prompt_of)
+    assert cold.store.get("x").signature is None
