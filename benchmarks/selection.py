@@ -18,7 +18,12 @@ reconfigured between variants (bandit states, cost fits and the gate
 restart). Greedy, the zoo's mixed prompts. Each round starts every engine in
 turn (the order reversed every other round, so slow drift of the shared
 machine cancels), runs batch 1 (prompts one at a time) twice, then batch 16
-twice and batch 64 twice, and closes it; figures are medians over rounds. The
+twice and batch 64 twice, and closes it; figures are medians over rounds.
+Every run of a method takes prompts it has not served before, in the
+workload's order (the warm start looks for finished requests with prompts like
+a new one's: a prompt served before would be its own best neighbour), every
+method the same ones; a workload too short for that (SmolLM2's 160 prompts)
+starts over from its first prompt. The
 second run of a batch size is the one reported (``tokens_per_s_bs16``: an
 engine already serving that load, MetaSD's online state learnt), the first
 is kept as ``tokens_per_s_bs16_cold`` (every method runs both alike). The
@@ -72,6 +77,19 @@ def spec_for(method: str, general: str):
     return {"method": "metasd", "config": pool_config(general)}
 
 
+def unseen(prompts: list[str]):
+    """``take(n)``: the next n prompts of the workload (from its start again
+    when it runs out)."""
+    at = [0]
+
+    def take(n: int) -> list[str]:
+        out = [prompts[(at[0] + i) % len(prompts)] for i in range(n)]
+        at[0] += n
+        return out
+
+    return take
+
+
 def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: int,
                max_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
@@ -90,7 +108,7 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     out = {}
     try:
-        llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+        llm.generate(prompts[-2:], params, use_tqdm=False)  # warm-up
         for m in method_group:
             if m.startswith("metasd:"):
                 _, objective, reward = m.split(":")
@@ -99,9 +117,10 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
                     "objective": objective, "reward": reward, "prompt_probe": "probe" in flags,
                     "warm_start": "cold" not in flags, "speculation_gate": "nogate" not in flags})
             entry = {}
+            fresh = unseen(prompts)
             for run in ("_cold", ""):  # the prompts one at a time, twice
                 entry[f"bs1{run}"] = per_prompt = []
-                for p in prompts[:bs1]:
+                for p in fresh(bs1):
                     s0, t0 = steps[0], time.perf_counter()
                     o = llm.generate([p], params, use_tqdm=False)[0]
                     per_prompt.append({"tokens": len(o.outputs[0].token_ids),
@@ -109,8 +128,8 @@ def run_engine(method_group: list[str], general: str, prompts: list[str], bs1: i
                                        "steps": steps[0] - s0,
                                        "ids": list(o.outputs[0].token_ids)})
             for batch in (16, 64):
-                sub = prompts[:batch] if len(prompts) >= batch else prompts
-                for run in ("_cold", ""):  # the same batch twice: first and warmed-up
+                for run in ("_cold", ""):  # twice: first and warmed-up
+                    sub = fresh(batch)
                     t0 = time.perf_counter()
                     outs = llm.generate(sub, params, use_tqdm=False)
                     entry[f"bs{batch}{run}"] = (sum(len(o.outputs[0].token_ids) for o in outs)
@@ -189,9 +208,9 @@ def main() -> int:
     if args.target == "smollm2":  # chat requests, domains interleaved
         from vllm_metasd.smollm2.workload import chat_workload
 
-        prompts = chat_workload(zoo, None, 13)[0][:64]
+        prompts = chat_workload(zoo)[0]
     else:
-        prompts = [p["prompt"] for p in zoo.load_prompts()][:64]
+        prompts = [p["prompt"] for p in zoo.load_prompts()]
     variants = args.variants.split(",")
     pools = [p for p in args.pools.split(",")
              if p != "paper" or "general-equal" in zoo.DRAFTERS]

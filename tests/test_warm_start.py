@@ -85,3 +85,18 @@ def test_the_controller_reads_the_prompt_of_new_requests_only():
     cold = StepController(RequestStateStore(UCBPolicy(2)), k=4)  # no warm start: not needed
     cold.begin(["x"], np.array([True]), prompt_of)
     assert cold.store.get("x").signature is None
+
+
+def test_an_arm_is_judged_by_the_most_similar_requests_that_tried_it():
+    # Code-like prompts tried arms 0 and 1 only; two German-like ones also
+    # tried arm 2 and found it poor: a new code-like request takes arm 2's
+    # prior from them (the nearest that tried it) instead of exploring it.
+    rng = np.random.default_rng(1)
+    w = WarmStart(3, neighbours=4)
+    for p in _prompts(0, 10, rng):
+        w.observe(prompt_signature(p), [0.9, 0.5, NAN], [3.0, 1.0, NAN])
+    for p in _prompts(1000, 2, rng):
+        w.observe(prompt_signature(p), [0.1, 0.6, 0.05], [0.0, 2.0, 0.1])
+    prior, gains, counts = w.prior(prompt_signature(_prompts(0, 1, rng)[0]), 2.0)
+    assert prior.means == pytest.approx([0.9, 0.5, 0.05]) and prior.counts == [2.0] * 3
+    assert gains.tolist() == pytest.approx([3.0, 1.0, 0.1]) and counts.tolist() == [2.0] * 3

@@ -90,11 +90,11 @@ class RequestStateStore:
     worth ``prior_pseudo_count`` observations.
 
     With ``prompt_probe`` a new request starts from its own prompt's evidence
-    (``StepController.probed``) and the warm start's prior is not applied: the
-    population's mean, worth two observations, outweighed the prompt's one per
-    arm and held requests on the generalist (paper pool, replay: 0.92x vs
-    0.96x the oracle's accepted length; engine: 1.24 vs 1.53 accepted tokens
-    per step)."""
+    (``StepController.probed``) and the warm start's prior is not applied:
+    when it was the population's mean, worth two observations, it outweighed
+    the prompt's one per arm and held requests on the generalist (paper pool,
+    replay: 0.92x vs 0.96x the oracle's accepted length; engine: 1.24 vs 1.53
+    accepted tokens per step)."""
 
     def __init__(self, policy: Policy, arm_names: list[str] | None = None,
                  warm_start: bool = False, prior_pseudo_count: float = 2.0,
