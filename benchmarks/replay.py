@@ -25,7 +25,8 @@ target's softmax and the drafter's, teacher-forced on ``y``), and ``probe``,
 the drafted tokens its drafts would have had accepted over the prompt's last
 32 positions (the engine's prompt-informed start, ``prompt_probe``, by its own
 functions: ``probe_accepted``, and for the lookup ``lookup_probe``, NaN where
-it proposes nothing).
+it proposes nothing). The prompts' token ids are kept too: the warm start
+finds each prompt's neighbours among the finished ones, as in the engine.
 
 ``replay``: the decode as MetaSD runs it: position 1 (prefill emitted token 0),
 each step the request's bandit picks an arm, the step emits accepted + 1 tokens,
