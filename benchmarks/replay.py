@@ -57,11 +57,6 @@ PROMPT_TOKENS = 64  # a prompt's length in the replay (any > k + 1: its first dr
 
 # ---- trace --------------------------------------------------------------------
 
-def _leading_run(match: np.ndarray) -> int:
-    miss = np.flatnonzero(~match)
-    return int(miss[0]) if len(miss) else len(match)
-
-
 def lm_outcomes(match: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per output position t: (accepted length, BD reward) of a greedy k-token
     draft, from ``match[t]`` = the drafter's teacher-forced argmax equals y[t]
@@ -74,31 +69,18 @@ def lm_outcomes(match: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return acc, bd
 
 
-def ngram_draft(history: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarray:
-    """What the engine's n-gram arm drafts after ``history``: its matcher,
-    vLLM's own (``vllm_metasd.arms.propose_ngrams``)."""
-    from vllm_metasd.arms import propose_ngrams
-
-    ids, num = np.zeros((1, k), dtype=np.int32), np.zeros(1, dtype=np.int32)
-    propose_ngrams(np.zeros(1, dtype=np.int64), np.array([len(history)], dtype=np.int32),
-                   history.astype(np.int32)[None], min_n, max_n, len(history) + k, k, ids, num)
-    return ids[0, :num[0]].astype(history.dtype)
-
-
 def ngram_outcomes(prompt: np.ndarray, y: np.ndarray, k: int, min_n: int, max_n: int):
+    """Per output position t: (accepted length, BD reward, drafted tokens) of
+    the n-gram arm's draft after prompt + y[:t] (vLLM's matcher, as the
+    engine's arm; ``arms.lookup_drafts``, as its prompt probe), its drafted
+    tokens cut at the end of y; an empty draft scores 0."""
+    from vllm_metasd.arms import lookup_drafts
+
     seq = np.concatenate([prompt, y])
-    L = len(y)
-    acc = np.zeros(L, dtype=np.int8)
-    bd = np.zeros(L, dtype=np.float32)
-    drafted = np.zeros(L, dtype=np.int8)
-    for t in range(L):
-        d = ngram_draft(seq[:len(prompt) + t], k, min_n, max_n)
-        truth = y[t:t + len(d)]
-        d = d[:len(truth)]
-        if len(d):
-            match = d == truth
-            acc[t], bd[t], drafted[t] = _leading_run(match), match.mean(), len(d)
-    return acc, bd, drafted
+    ends = len(prompt) + np.arange(len(y))
+    _, drafted, hits, accepted = lookup_drafts(seq, ends, k, min_n, max_n, len(seq) + k)
+    bd = np.where(drafted > 0, hits.sum(axis=1) / np.maximum(drafted, 1), 0.0)
+    return accepted.astype(np.int8), bd.astype(np.float32), drafted.astype(np.int8)
 
 
 def record(args) -> None:

@@ -17,12 +17,44 @@ def test_lm_outcomes_accepted_length_and_bd():
     assert bd[0] == 0.75 and bd[3] == 1.0 and bd[6] == 0.5  # partial window at the end
 
 
+def ngram_draft(history: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarray:
+    """What the engine's n-gram arm drafts after ``history``, one history at a
+    time (the reference the batched scorers are checked against)."""
+    from vllm_metasd.arms import propose_ngrams
+
+    ids, num = np.zeros((1, k), dtype=np.int32), np.zeros(1, dtype=np.int32)
+    propose_ngrams(np.zeros(1, dtype=np.int64), np.array([len(history)], dtype=np.int32),
+                   history.astype(np.int32)[None], min_n, max_n, len(history) + k, k, ids, num)
+    return ids[0, :num[0]].astype(history.dtype)
+
+
+def leading_run(match: np.ndarray) -> int:
+    miss = np.flatnonzero(~match)
+    return int(miss[0]) if len(miss) else len(match)
+
+
 def test_ngram_draft_is_vllms_matcher():
     # vLLM 0.32's matcher continues the EARLIEST occurrence of the longest
     # matching suffix ("5 6" first at 0: 7 8 1), as the engine's n-gram arm does.
     h = np.array([5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6])
-    assert replay.ngram_draft(h, 3, 1, 2).tolist() == [7, 8, 1]
-    assert replay.ngram_draft(np.array([1, 2, 3]), 3, 1, 2).tolist() == []
+    assert ngram_draft(h, 3, 1, 2).tolist() == [7, 8, 1]
+    assert ngram_draft(np.array([1, 2, 3]), 3, 1, 2).tolist() == []
+
+
+def test_ngram_outcomes_are_each_positions_draft_scored_against_what_follows():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        prompt, y = rng.integers(0, 4, 24), rng.integers(0, 4, 30)
+        acc, bd, drafted = replay.ngram_outcomes(prompt, y, 4, 2, 4)
+        seq = np.concatenate([prompt, y])
+        for t in range(len(y)):  # each position's draft, one at a time
+            d = ngram_draft(seq[:len(prompt) + t], 4, 2, 4)
+            truth = y[t:t + len(d)]
+            match = d[:len(truth)] == truth
+            assert drafted[t] == len(match)
+            assert acc[t] == (leading_run(match) if len(match) else 0)
+            assert bd[t] == pytest.approx(match.mean() if len(match) else 0.0)
+        assert drafted.any()
 
 
 def test_the_engines_ngram_matcher_is_vllms_batch_matcher():
@@ -67,11 +99,11 @@ def test_the_lookups_prompt_probe_is_what_its_drafts_would_have_had_accepted():
         tokens = rng.integers(0, 4, 40)
         runs, cut = [], []
         for e in range(len(tokens) - 1 - 16, len(tokens) - 1):
-            d = replay.ngram_draft(tokens[:e], 4, 2, 4)
+            d = ngram_draft(tokens[:e], 4, 2, 4)
             if len(d):
                 truth = tokens[e:e + len(d)]
                 match = d[:len(truth)] == truth
-                (runs if e + 4 <= len(tokens) else cut).append(replay._leading_run(match))
+                (runs if e + 4 <= len(tokens) else cut).append(leading_run(match))
         want = np.mean(runs or cut) if runs or cut else np.nan
         np.testing.assert_allclose(lookup_probe(tokens, 16, 4, 2, 4, 1024), want)
 

@@ -308,6 +308,26 @@ class NgramArm:
             for row, n in zip(step.rows.tolist(), lens.tolist())])
 
 
+def lookup_drafts(tokens: np.ndarray, ends: np.ndarray, k: int, min_n: int, max_n: int,
+                  max_model_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The n-gram arm's k-token drafts after each history ``tokens[:e]`` (e in
+    ``ends``), scored against the tokens of ``tokens`` that follow. Per draft:
+    the tokens it proposes, those of them with a following token to compare,
+    which of these hit ([drafts, k]), and its accepted tokens (the leading run
+    of hits)."""
+    n = len(tokens)
+    ends = np.asarray(ends, dtype=np.int32)
+    history = np.ascontiguousarray(np.broadcast_to(tokens.astype(np.int32), (len(ends), n)))
+    ids = np.zeros((len(ends), k), dtype=np.int32)
+    num = np.zeros(len(ends), dtype=np.int32)
+    propose_ngrams(np.arange(len(ends), dtype=np.int64), ends, history, min_n, max_n,
+                   max_model_len, k, ids, num)
+    compared = np.minimum(num, n - ends)
+    pos = np.minimum(ends[:, None] + np.arange(k), n - 1)  # each draft token's position
+    hits = (np.arange(k) < compared[:, None]) & (ids == tokens[pos])
+    return num, compared, hits, np.cumprod(hits, axis=1).sum(axis=1)
+
+
 def lookup_probe(tokens: np.ndarray, window: int, k: int, min_n: int, max_n: int,
                  max_model_len: int) -> float:
     """The n-gram arm's prompt probe: the drafted tokens its k-token drafts
@@ -316,15 +336,8 @@ def lookup_probe(tokens: np.ndarray, window: int, k: int, min_n: int, max_n: int
     offers it; NaN if it proposes nowhere); as in ``probe_accepted``, drafts
     cut short by the end of the text count only if there is no other."""
     n = len(tokens)
-    ends = np.arange(max(n - 1 - window, 1), n - 1, dtype=np.int32)  # history lengths
-    history = np.ascontiguousarray(np.broadcast_to(tokens.astype(np.int32), (len(ends), n)))
-    ids = np.zeros((len(ends), k), dtype=np.int32)
-    num = np.zeros(len(ends), dtype=np.int32)
-    propose_ngrams(np.arange(len(ends), dtype=np.int64), ends, history, min_n, max_n,
-                   max_model_len, k, ids, num)
-    pos = ends[:, None] + np.arange(k)  # the positions of each draft's tokens
-    hits = (np.arange(k) < num[:, None]) & (pos < n) & (ids == tokens[np.minimum(pos, n - 1)])
-    accepted = np.cumprod(hits, axis=1).sum(axis=1)
+    ends = np.arange(max(n - 1 - window, 1), n - 1)  # history lengths
+    num, _, _, accepted = lookup_drafts(tokens, ends, k, min_n, max_n, max_model_len)
     proposes = num > 0
     full = proposes & (ends + k <= n)
     counted = full if full.any() else proposes
