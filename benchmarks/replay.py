@@ -242,11 +242,11 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
         base, L, rid = offsets[i], offsets[i + 1] - offsets[i], str(i)
         t, n, a_sum, secs, picks = 1, 0, 0, 0.0, []
         ctl.begin([rid], one, lambda _row: prompt(i))
-        if probe:
-            for arm in range(n_arms):
-                ctl.probed(arm, row, np.array([PROMPT_TOKENS]), trace["probe"][arm, i:i + 1])
-            if times is not None:  # each draft LM's pass over the prompt (one forward)
-                secs += int((~free).sum()) * times.lm_s / K
+        wanted = ctl.to_probe(row)[0]  # the prompt-informed start's arms (probe: any)
+        for arm in np.flatnonzero(wanted).tolist():
+            ctl.probed(arm, row, np.array([PROMPT_TOKENS]), trace["probe"][arm, i:i + 1])
+        if times is not None:  # each draft LM's pass over the prompt (one forward)
+            secs += int((~free & wanted).sum()) * times.lm_s / K
         while t < L:
             seq = PROMPT_TOKENS + t  # tokens known (a catch-up's length does not matter)
             # what the free arms propose (the engine's FreeDrafts, before the choice)

@@ -242,17 +242,19 @@ def test_prompt_probe_seeds_estimates_and_marks_the_kv_filled():
 
 @pytest.mark.parametrize("prompt_probe", [True, False])
 def test_with_the_prompt_probe_a_request_starts_from_its_prompt_not_the_warm_prior(prompt_probe):
-    # Finished requests found arm 0 (a generalist) good; the new request's
-    # prompt agrees with arm 1 (a specialist) and not with arm 0.
+    # Finished requests found arm 0 (a generalist) good, on prompts unlike the
+    # new request's, whose prompt agrees with arm 1 (a specialist) and not
+    # with arm 0.
     store = RequestStateStore(make_policy("ucb", 2, beta=0.1), warm_start=True,
                               prompt_probe=prompt_probe)
     ctl = StepController(store, k=K)
     for i in range(4):
-        s = store.get_or_create(f"old{i}")
+        s = store.get_or_create(f"old{i}", np.arange(30) + i)
         store.record(s, 0, K, 2, 0.5)
         s.observe_gain(0, 2.0)
         ctl.finished(f"old{i}")
-    new = ctl.begin(["new"], np.array([True]))
+    new = ctl.begin(["new"], np.array([True]), lambda _row: np.arange(500, 530))
+    assert ctl.to_probe(new).tolist() == [[prompt_probe] * 2]  # no similar prompt tried them
     ctl.probed(0, new, np.array([40]), np.array([0.0]))
     ctl.probed(1, new, np.array([40]), np.array([0.8]))
     s = store.get("new")

@@ -88,7 +88,7 @@ def test_warm_start_prior_skips_blind_exploration():
         for arm, r in enumerate([0.2, 0.9, 0.1]):
             store.record(s, arm, 4, 0, r)
         store.free(f"r{i}")
-    assert store.priors.prior(None, 5)[0].means == pytest.approx([0.2, 0.9, 0.1])
+    assert store.priors.prior(None, 5).bandit.means == pytest.approx([0.2, 0.9, 0.1])
     fresh = store.get_or_create("new")
     assert fresh.bandit.counts == [5.0, 5.0, 5.0]
     assert store.choose(fresh) == 1  # the prior's best arm, not arm 0 first
@@ -104,7 +104,7 @@ def test_warm_start_prior_uses_real_rewards_not_its_own_pseudo_counts():
     s = store.get_or_create("b")  # starts from prior mean 1.0 for arm 0 (worth 100 pulls)
     store.record(s, 0, 4, 0, 0.0)
     store.free("b")
-    assert store.priors.prior(None, 100)[0].means[0] == pytest.approx(0.5)  # (1 + 0) / 2
+    assert store.priors.prior(None, 100).bandit.means[0] == pytest.approx(0.5)  # (1 + 0) / 2
 
 
 def test_warm_start_seeds_token_estimates_from_real_gains_only():
@@ -118,7 +118,7 @@ def test_warm_start_seeds_token_estimates_from_real_gains_only():
     b.observe_gain(0, 0.0)  # its own evidence: 0; the prior's pseudo-observations left out
     assert b.mean_gains()[0] == 0.0 and np.isnan(b.mean_gains()[1])
     store.free("b")
-    assert store.priors.prior(None, 2)[1][0] == pytest.approx(1.0)  # (2 + 0) / 2 requests
+    assert store.priors.prior(None, 2).gains[0] == pytest.approx(1.0)  # (2 + 0) / 2 requests
     cold = RequestStateStore(UCBPolicy(2)).get_or_create("x")
     assert cold.gain_count.tolist() == [0.0, 0.0]
 

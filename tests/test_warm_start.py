@@ -23,9 +23,10 @@ def test_without_a_prompt_the_prior_is_the_mean_over_requests_of_their_means():
     assert w.prior(None, 2.0) is None
     w.observe(None, [0.2, NAN, 0.9], [1.0, NAN, NAN])
     w.observe(None, [0.4, NAN, NAN], [3.0, NAN, NAN])
-    prior, gains, gain_counts = w.prior(None, 5.0)
-    assert prior.means == pytest.approx([0.3, 0.0, 0.9]) and prior.counts == [5.0, 0.0, 5.0]
-    assert gains.tolist() == [2.0, 0.0, 0.0] and gain_counts.tolist() == [5.0, 0.0, 0.0]
+    p = w.prior(None, 5.0)
+    assert p.bandit.means == pytest.approx([0.3, 0.0, 0.9]) and p.bandit.counts == [5.0, 0.0, 5.0]
+    assert p.gains.tolist() == [2.0, 0.0, 0.0] and p.gain_counts.tolist() == [5.0, 0.0, 0.0]
+    assert p.unknown.tolist() == [False, True, False]  # nobody tried arm 1
 
 
 def _prompts(lo, n, rng):
@@ -39,7 +40,7 @@ def test_a_new_request_starts_from_the_finished_requests_with_prompts_like_its_o
     rng = np.random.default_rng(0)
     store = RequestStateStore(UCBPolicy(3), warm_start=True, prior_pseudo_count=2)
     finished = [(p, [0.9, 0.2]) for p in _prompts(0, 10, rng)]
-    finished += [(p, [0.1, 0.8]) for p in _prompts(1000, 20, rng)]
+    finished += [(p, [0.1, 0.8]) for p in _prompts(500, 20, rng)]
     for i in rng.permutation(len(finished)):
         prompt, rewards = finished[i]
         s = store.get_or_create(f"r{i}", prompt)
@@ -51,7 +52,7 @@ def test_a_new_request_starts_from_the_finished_requests_with_prompts_like_its_o
     assert code.bandit.sums[:2] == pytest.approx([1.8, 0.4])  # the 8 code-like ones' means, x2
     assert code.gain_sum[:2] / code.gain_count[:2] == pytest.approx([3.6, 0.8])
     assert code.bandit.counts == [2.0, 2.0, 0.0]  # arm 2: no prior, explored
-    german = store.get_or_create("german", _prompts(1000, 1, rng)[0])
+    german = store.get_or_create("german", _prompts(500, 1, rng)[0])
     assert german.bandit.sums[:2] == pytest.approx([0.2, 1.6])
     unknown = store.get_or_create("unknown")  # no prompt: the population's mean
     assert unknown.bandit.sums[:2] == pytest.approx([2 * (9 + 2) / 30, 2 * (2 + 16) / 30])
@@ -66,7 +67,7 @@ def test_the_memory_keeps_the_latest_requests():
     for r in (0.1, 0.2, 0.3):
         w.observe(prompt_signature(np.array([1, 2])), [r], [NAN])
     assert len(w) == 2
-    assert w.prior(None, 1.0)[0].means == pytest.approx([0.25])
+    assert w.prior(None, 1.0).bandit.means == pytest.approx([0.25])
 
 
 def test_the_controller_reads_the_prompt_of_new_requests_only():
@@ -95,8 +96,34 @@ def test_an_arm_is_judged_by_the_most_similar_requests_that_tried_it():
     w = WarmStart(3, neighbours=4)
     for p in _prompts(0, 10, rng):
         w.observe(prompt_signature(p), [0.9, 0.5, NAN], [3.0, 1.0, NAN])
-    for p in _prompts(1000, 2, rng):
+    for p in _prompts(500, 2, rng):
         w.observe(prompt_signature(p), [0.1, 0.6, 0.05], [0.0, 2.0, 0.1])
-    prior, gains, counts = w.prior(prompt_signature(_prompts(0, 1, rng)[0]), 2.0)
-    assert prior.means == pytest.approx([0.9, 0.5, 0.05]) and prior.counts == [2.0] * 3
-    assert gains.tolist() == pytest.approx([3.0, 1.0, 0.1]) and counts.tolist() == [2.0] * 3
+    code = prompt_signature(_prompts(0, 1, rng)[0])
+    p = w.prior(code, 2.0)
+    assert p.bandit.means == pytest.approx([0.9, 0.5, 0.05]) and p.bandit.counts == [2.0] * 3
+    assert p.gains.tolist() == pytest.approx([3.0, 1.0, 0.1]) and p.gain_counts.tolist() == [2.0] * 3
+    # ... but no request with a prompt like its own tried arm 2: with the
+    # prompt probe, arm 2 gets no prior and is probed on the new prompt
+    assert p.unknown.tolist() == [False, False, True]
+    probed = w.prior(code, 2.0, probe=True)
+    assert probed.bandit.counts == [2.0, 2.0, 0.0] and probed.gain_counts.tolist() == [2.0, 2.0, 0.0]
+    assert probed.bandit.means == pytest.approx(p.bandit.means)
+
+
+def test_with_the_probe_a_request_is_probed_by_the_arms_no_similar_request_tried():
+    rng = np.random.default_rng(2)
+    store = RequestStateStore(UCBPolicy(3), warm_start=True, prompt_probe=True)
+    ctl = StepController(store, k=4)
+    prompts = _prompts(0, 2, rng) + _prompts(500, 1, rng)
+    ctl.begin(["first"], np.array([True]), lambda _r: prompts[0])
+    assert ctl.to_probe(np.array([0])).tolist() == [[True] * 3]  # nothing remembered: all
+    for arm in (0, 1):  # its probe observations count as tried
+        ctl.probed(arm, np.array([0]), np.array([30]), np.array([2.0]))
+    ctl.finished("first")
+    new = ctl.begin(["code", "german"], np.array([True, True]), lambda r: prompts[1 + r])
+    assert ctl.to_probe(new).tolist() == [[False, False, True], [True, True, True]]
+    assert store.get("code").bandit.counts == [2.0, 2.0, 0.0]
+    assert store.get("german").bandit.counts == [0.0] * 3
+    plain = StepController(RequestStateStore(UCBPolicy(3), warm_start=True), k=4)
+    plain.begin(["x"], np.array([True]), lambda _r: prompts[0])
+    assert plain.to_probe(np.array([0])).tolist() == [[False] * 3]  # no prompt_probe

@@ -1,10 +1,11 @@
 """What the bandits learn beyond the verified drafts of the chosen arm.
 
 - The prompt-informed start (metasd.json ``prompt_probe``): on a request's
-  first step every arm is scored on the request's own known tokens (a draft
-  LM passes over them, which also fills its KV; the lookup tries each of the
-  last positions): the tokens its drafts would have had accepted there, one
-  observation per arm for the request's bandit and estimates.
+  first step each arm it is to be probed by (``StepController.to_probe``) is
+  scored on the request's own known tokens (a draft LM passes over them,
+  which also fills its KV; the lookup tries each of the last positions): the
+  tokens its drafts would have had accepted there, one observation per arm
+  for the request's bandit and estimates.
 - Free arms (n-gram lookups, under the throughput objective) draft for every
   row before the choice, so the choice knows which rows they propose for;
   what each would have drafted for the rows it did not draft for is scored
@@ -13,6 +14,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -27,17 +29,25 @@ PROBE_WINDOW = 32
 
 
 def probe_new_requests(arms: list, names: list[str], controller: StepController,
-                       step: DraftStep) -> None:
-    """``step.rows``: this step's new requests (``controller.begin``)."""
+                       step: DraftStep) -> bool:
+    """``step.rows``: this step's new requests (``controller.begin``). Returns
+    whether any arm passed over a prompt."""
+    wanted = controller.to_probe(step.rows)
+    probed = False
     for a, arm in enumerate(arms):
-        if controller.disabled[a]:
+        rows = step.rows[wanted[:, a]]
+        if controller.disabled[a] or len(rows) == 0:
             continue
+        probed = True
         try:
-            computed, accepted = arm.probe(step, PROBE_WINDOW, controller.k)
+            computed, accepted = arm.probe(
+                dataclasses.replace(step, rows=rows, starts=step.starts[wanted[:, a]]),
+                PROBE_WINDOW, controller.k)
         except Exception as e:  # a drafter must never take the engine down
-            controller.failed(a, step.rows, names[a], e)
+            controller.failed(a, rows, names[a], e)
             continue
-        controller.probed(a, step.rows, computed, accepted)
+        controller.probed(a, rows, computed, accepted)
+    return probed
 
 
 class FreeDrafts:

@@ -156,9 +156,6 @@ class MetaSDProposer(DraftModelProposer):
         store = RequestStateStore(self.config.make_policy(), self.arm_names,
                                   warm_start=self.config.warm_start,
                                   prompt_probe=self.config.prompt_probe)
-        if self.config.warm_start and not store.warm_start:
-            logger.info("MetaSD: prompt_probe on: each request starts from its own prompt's "
-                        "evidence; the warm start's prior is not applied")
         objective = self.config.objective
         if objective == "throughput" and self.ranks > 1:
             # Its choices depend on each rank's own timings; the ranks of one
@@ -305,7 +302,7 @@ class MetaSDProposer(DraftModelProposer):
             req_ids, active, lambda r: batch.token_ids_cpu[r, :batch.num_prompt_tokens[r]])
         probing = bool(len(new_rows)) and self.config.prompt_probe and self.reward_kind != "none"
         if probing:
-            probe_new_requests(self.arms, self.arm_names, self.controller, DraftStep(
+            probing = probe_new_requests(self.arms, self.arm_names, self.controller, DraftStep(
                 rows=new_rows, starts=np.zeros(len(new_rows), dtype=np.int64),
                 seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
                 block_table=block_table,

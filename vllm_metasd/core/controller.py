@@ -31,8 +31,9 @@ request's first step and freed by one call. The rules:
   most like its own (``core.warm_start``). A pinned arm (policy "fixed") is
   never second-guessed;
 - prompt-informed start (``probed``): a new request's bandit starts with one
-  observation per arm, what its drafts would have had accepted over the
-  request's own text.
+  observation per arm it is probed by (``to_probe``: every arm, or with warm
+  start those no finished request with a similar prompt tried), what its
+  drafts would have had accepted over the request's own text.
 
 ``propose`` in vllm_metasd/proposer.py and benchmarks/replay.py both drive it.
 """
@@ -216,6 +217,16 @@ class StepController:
             if state is None or state.last_arm == arm:
                 continue
             self._inform(state, arm, reward, a if n else None)
+
+    def to_probe(self, rows: np.ndarray) -> np.ndarray:
+        """[rows, arms]: which arms to score on each new row's prompt (none
+        without ``prompt_probe``)."""
+        ledgers = self._rows
+        out = np.zeros((len(rows), self.num_arms), dtype=bool)
+        for i, r in enumerate(rows.tolist()):
+            if (probe := ledgers[r].probe) is not None:
+                out[i] = probe
+        return out
 
     def probed(self, arm: int, rows: np.ndarray, computed: np.ndarray,
                accepted: np.ndarray) -> None:

@@ -67,6 +67,8 @@ class RequestState:
     gain_prior: tuple[np.ndarray, np.ndarray] | None = None
     # Its prompt's signature (``core.warm_start``; None: no warm start, or no prompt)
     signature: np.ndarray | None = None
+    # Per arm: score it on the request's prompt (``prompt_probe``; None: none)
+    probe: np.ndarray | None = None
 
     def mean_gains(self) -> np.ndarray:
         """Per arm: this request's mean tokens per step beyond the target's
@@ -89,12 +91,10 @@ class RequestStateStore:
     estimates (the throughput objective's) from their per-arm mean gains, each
     worth ``prior_pseudo_count`` observations.
 
-    With ``prompt_probe`` a new request starts from its own prompt's evidence
-    (``StepController.probed``) and the warm start's prior is not applied:
-    when it was the population's mean, worth two observations, it outweighed
-    the prompt's one per arm and held requests on the generalist (paper pool,
-    replay: 0.92x vs 0.96x the oracle's accepted length; engine: 1.24 vs 1.53
-    accepted tokens per step)."""
+    With ``prompt_probe`` a new request is scored on its own prompt
+    (``StepController.probed``) by every arm (``probe``), or with the warm
+    start by the arms no finished request with a similar prompt tried, which
+    get no prior (``core.warm_start``)."""
 
     def __init__(self, policy: Policy, arm_names: list[str] | None = None,
                  warm_start: bool = False, prior_pseudo_count: float = 2.0,
@@ -104,7 +104,8 @@ class RequestStateStore:
         self.arm_names = list(arm_names) if arm_names else [str(i) for i in range(n)]
         if len(self.arm_names) != n:
             raise ValueError(f"{len(self.arm_names)} arm names for {n} arms")
-        self.warm_start = warm_start and not prompt_probe
+        self.warm_start = warm_start
+        self.prompt_probe = prompt_probe
         self.prior_pseudo_count = prior_pseudo_count
         self.priors = WarmStart(n)
         self.totals = DrafterStats.zeros(n)
@@ -130,20 +131,22 @@ class RequestStateStore:
         state = self._states.get(req_id)
         if state is None:
             signature = found = None
+            n = self.policy.num_arms
             if self.warm_start:
                 signature = None if prompt is None else prompt_signature(prompt)
-                found = self.priors.prior(signature, self.prior_pseudo_count)
-            n = self.policy.num_arms
+                found = self.priors.prior(signature, self.prior_pseudo_count,
+                                          probe=self.prompt_probe)
             state = RequestState(
-                self.policy.new_state(None if found is None else found[0],
+                self.policy.new_state(None if found is None else found.bandit,
                                       state_seed=self._created),
                 DrafterStats.zeros(n), gain_sum=np.zeros(n), gain_count=np.zeros(n),
                 signature=signature)
             if found is not None:
-                _, means, counts = found
-                state.gain_prior = (means * counts, counts)
+                state.gain_prior = (found.gains * found.gain_counts, found.gain_counts)
                 state.gain_sum += state.gain_prior[0]
-                state.gain_count += counts
+                state.gain_count += found.gain_counts
+            if self.prompt_probe:
+                state.probe = np.ones(n, dtype=bool) if found is None else found.unknown
             self._created += 1
             self._states[req_id] = state
         return state
