@@ -98,6 +98,26 @@ def test_prompt_probe_starts_on_the_drafter_that_agrees_with_the_prompt(metasd4_
             "objective": "alignment", "prompt_probe": False, "speculation_gate": True})
 
 
+def test_with_warm_start_the_probe_passes_only_for_drafters_no_similar_prompt_tried(
+        metasd4_llm, plain_llm):
+    """The first request is probed by every drafter (nothing remembered); a
+    second one with the same prompt, once the first finished, by none (the
+    first's probe counts as having tried them all)."""
+    metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+        "prompt_probe": True, "warm_start": True, "speculation_gate": False})
+    probe_s = []
+    try:
+        for _ in range(2):
+            metasd4_llm.collective_rpc("metasd_reset_stats")
+            assert greedy(metasd4_llm, PROMPTS[3:4], max_tokens=8) == greedy(
+                plain_llm, PROMPTS[3:4], max_tokens=8)
+            probe_s.append(stats(metasd4_llm)["phase_s"]["probe"])
+        assert probe_s[0] > 0 and probe_s[1] == 0
+    finally:
+        metasd4_llm.collective_rpc("metasd_reconfigure", kwargs={
+            "prompt_probe": False, "warm_start": False, "speculation_gate": True})
+
+
 def _remembered_prompts(worker):
     """The warm start's memory of finished requests' prompt signatures."""
     priors = worker.model_runner.drafter.controller.store.priors

@@ -307,6 +307,7 @@ class MetaSDProposer(DraftModelProposer):
                 seq_lens=seq_lens, token_ids=batch.token_ids_cpu,
                 block_table=block_table,
                 sampling_metadata=sampling_metadata, k=0, want_q=False))
+        if probing:  # some arm passed over a prompt
             t = tel.add("probe", t)
         proposed = None
         if self.controller.objective == "throughput":  # free arms draft before the choice
