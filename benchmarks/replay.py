@@ -210,8 +210,9 @@ def replay(trace: dict, policy: dict, reward: str = "bd", seed: int = 0,
     over the prompts finished before); an empty draft earns 0 as in the engine.
     ``reward``: "bd" (match-based: share of drafted positions that agree),
     "bd_full" (from the full distributions) or "acceptance"; ``probe``: the
-    prompt-informed start (each draft LM's prompt agreement, via the
-    controller's own ``probed``).
+    prompt-informed start (each probed arm's estimate from the trace, for the
+    arms the controller's ``to_probe`` names: all, or with ``warm_start`` those
+    no similar finished prompt tried; via the controller's own ``probed``).
 
     ``objective`` "throughput" (needs ``times``): the controller chooses by
     expected tokens per second from the step times it is fed, as the engine

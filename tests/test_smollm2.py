@@ -320,7 +320,7 @@ def test_shipped_metasd_json_matches_the_default_config():
     for s, d in zip(shipped["drafters"], default["drafters"]):
         if "path" in s:
             assert (smollm2.PKG_DIR / s["path"]).resolve() == Path(d["path"]).resolve()
-    for key in ("policy", "reward", "warm_start", "num_speculative_tokens"):
+    for key in ("policy", "reward", "warm_start", "prompt_probe", "num_speculative_tokens"):
         assert shipped[key] == default[key], key
     if smollm2.drafters_available():
         from vllm_metasd.config import load_config

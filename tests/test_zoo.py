@@ -57,7 +57,7 @@ def test_default_config_and_paper_pool():
     assert [d["name"] for d in paper["drafters"]] == [*zoo.DOMAINS, "general-equal", "lookup"]
     assert paper["drafters"][-1] == default["drafters"][-1]  # the same n-gram lookup
     assert {k: v for k, v in paper.items() if k != "drafters"} == \
-        {k: v for k, v in default.items() if k != "drafters"}  # policy, reward, k, warm start
+        {k: v for k, v in default.items() if k != "drafters"}  # policy, reward, k, warm start, probe
     for cfg in (default, paper):
         parsed = load_config(cfg)
         assert all(Path(d.path).is_dir() for d in parsed.drafters if d.kind == "draft_model")

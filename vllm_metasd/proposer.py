@@ -13,8 +13,9 @@ One engine step, top to bottom:
    decides from measured tokens/s whether this step speculates at all (if
    not: no drafts, nothing below runs);
 4. ``draft`` (called by the patch instead of vLLM's input preparation for a
-   single drafter, which no arm reads): a new request's arms are scored on
-   its prompt (``evidence``, ``prompt_probe``); under the throughput
+   single drafter, which no arm reads): a new request is scored on its
+   prompt by the arms it is to be probed by (``evidence``, ``prompt_probe``:
+   all, or with warm start those no similar finished prompt tried); under the throughput
    objective the free arms (n-gram) draft for every row first (``evidence``:
    the choice sees which rows they propose for); each request's bandit picks
    an arm (``controller.choose``); rows are grouped by arm, and each chosen

@@ -62,13 +62,15 @@ def _metasd_config(draft_models: tuple[str, ...]) -> dict:
     drafters.append({"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2,
                      "prompt_lookup_max": 4})
     return {"num_speculative_tokens": 4, "drafters": drafters,
-            "policy": {"name": "ucb", "beta": 0.1}, "reward": "match", "warm_start": True}
+            "policy": {"name": "ucb", "beta": 0.1}, "reward": "match", "warm_start": True,
+            "prompt_probe": True}
 
 
 def default_metasd_config() -> dict:
     """The default MetaSD setup on the zoo: the five specialists, the general
     drafter and prompt lookup; UCB (beta 0.1) with the match reward, warm-started
-    from the requests finished before (the best settings in the offline replay
+    from the finished requests with prompts like each new one's, which is probed
+    by the drafters none of those tried (the best settings in the offline replay
     and the selection benchmark, benchmarks/README.md)."""
     return _metasd_config((*DOMAINS, "general"))
 
