@@ -15,10 +15,11 @@ requests with prompts like a new one's: a prompt served before would be its
 own best neighbour). Per pass: tokens/s per method and its ratio to the pool's best
 single method and to plain decoding; reported: medians over passes and their
 spread. Methods: ``none``, ``ngram``, ``draft:<drafter>``, and
-``metasd@<pool>[+probe][+cold]`` (the shipped setup, ``throughput`` +
-``match`` + gate, on a drafter pool of benchmarks/selection.py; ``+probe``:
-prompt probe, with which the warm start's prior is not applied; ``+cold``: no warm
-start). Greedy, the zoo's mixed prompts.
+``metasd@<pool>[+probe][+cold]`` (``throughput`` + ``match`` + gate + warm
+start on a drafter pool of benchmarks/selection.py; ``+probe``: the prompt
+probe, for the drafters no similar finished prompt tried (``+probe`` is the
+shipped setup); ``+cold``: no warm start, so with ``+probe`` every drafter
+probes every request). Greedy, the zoo's mixed prompts.
 """
 from __future__ import annotations
 
