@@ -34,14 +34,14 @@ def probe_new_requests(arms: list, names: list[str], controller: StepController,
     whether any arm passed over a prompt."""
     wanted = controller.to_probe(step.rows)
     probed = False
-    for a, arm in enumerate(arms):
-        rows = step.rows[wanted[:, a]]
+    for a, (arm, mask) in enumerate(zip(arms, wanted.T)):
+        rows = step.rows[mask]
         if controller.disabled[a] or len(rows) == 0:
             continue
         probed = True
         try:
             computed, accepted = arm.probe(
-                dataclasses.replace(step, rows=rows, starts=step.starts[wanted[:, a]]),
+                dataclasses.replace(step, rows=rows, starts=step.starts[mask]),
                 PROBE_WINDOW, controller.k)
         except Exception as e:  # a drafter must never take the engine down
             controller.failed(a, rows, names[a], e)

@@ -107,10 +107,6 @@ def default_metasd_config() -> dict:
     """MetaSD on SmolLM2: the five specialists, the general drafter and prompt
     lookup; UCB (beta 0.1) with the match reward, warm start and prompt probe,
     as on the zoo."""
-    drafters = [{"name": d, "kind": "draft_model", "path": drafter_path(d)}
-                for d in (*DOMAINS, "general")]
-    drafters.append({"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2,
-                     "prompt_lookup_max": 4})
-    return {"num_speculative_tokens": 4, "drafters": drafters,
-            "policy": {"name": "ucb", "beta": 0.1}, "reward": "match", "warm_start": True,
-            "prompt_probe": True}
+    from vllm_metasd.zoo import shipped_metasd_config
+
+    return shipped_metasd_config({d: drafter_path(d) for d in (*DOMAINS, "general")})

@@ -56,14 +56,20 @@ def load_prompts(domain: str | None = None, split: str = "mixed") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _metasd_config(draft_models: tuple[str, ...]) -> dict:
-    drafters = [{"name": d, "kind": "draft_model", "path": drafter_path(d)}
-                for d in draft_models]
+def shipped_metasd_config(draft_models: dict[str, str]) -> dict:
+    """The shipped MetaSD settings over these draft models (name -> path) and
+    prompt lookup: the zoo's and SmolLM2's default setups."""
+    drafters = [{"name": d, "kind": "draft_model", "path": path}
+                for d, path in draft_models.items()]
     drafters.append({"name": "lookup", "kind": "ngram", "prompt_lookup_min": 2,
                      "prompt_lookup_max": 4})
     return {"num_speculative_tokens": 4, "drafters": drafters,
             "policy": {"name": "ucb", "beta": 0.1}, "reward": "match", "warm_start": True,
             "prompt_probe": True}
+
+
+def _metasd_config(draft_models: tuple[str, ...]) -> dict:
+    return shipped_metasd_config({d: drafter_path(d) for d in draft_models})
 
 
 def default_metasd_config() -> dict:
